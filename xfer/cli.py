@@ -1,0 +1,271 @@
+"""Command line: thin sub-commands over the library. User mistakes (bad spec, unknown names, bad
+flags) print one ``error: …`` line and exit 2 — never a traceback."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger("xfer")
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A mistake in what the user asked for; printed without a traceback."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from xfer.registry import UnknownNameError
+    from xfer.spec import SpecError
+
+    return (UsageError, SpecError, UnknownNameError, FileNotFoundError)
+
+
+# ------------------------------------------------------------------ xfer trial
+def _add_trial(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="timm architecture, optionally with a tag (resnet50.tv_in1k)")
+    p.add_argument("--weights", default="hub",
+                   help="hub (timm pretrained), random, or a path to a state-dict file (default: hub)")
+    p.add_argument("--dataset", required=True, help="a registered dataset (see `xfer datasets`)")
+    p.add_argument("--dataset-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a dataset option, e.g. path=/data/mine (repeatable)")
+    p.add_argument("--regime", required=True, help="linear_probe | finetune | scratch | pretrain")
+    p.add_argument("--lr", type=float, help="learning rate (finetune, scratch, pretrain)")
+    p.add_argument("--wd", type=float, help="weight decay (finetune, scratch, pretrain)")
+    p.add_argument("--l2", type=float, help="L2 penalty λ of the logistic regression (linear_probe)")
+    p.add_argument("--steps", type=int, help="training steps")
+    p.add_argument("--batch-size", type=int, help="batch size")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other regime option, e.g. eval_every=50 (repeatable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--input-size", type=int, help="override the model's input size (pixels)")
+    p.add_argument("--stage", default="grid", choices=["grid", "final"],
+                   help="grid: train on train, report val; final: train on train+val, report test")
+    p.add_argument("--storage", default="./xfer-results", help="checkpoints and feature cache")
+    p.add_argument("--data-root", default="./data")
+    p.add_argument("--download", action="store_true", help="allow dataset downloads")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--json", action="store_true", help="end with one JSON line of the result")
+
+
+def _parse_kv(items: list[str], flag: str) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise UsageError(f"{flag} expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)  # numbers/bools as YAML reads them
+    return out
+
+
+def trial_from_args(args: argparse.Namespace):
+    """Build and validate a TrialSpec from `xfer trial` flags through the same checks a spec file gets."""
+    from xfer.regimes import REGIMES
+    from xfer.spec import SpecError, TrialSpec, _check_options, _dataset_ref, _model
+
+    if args.regime not in REGIMES:
+        raise UsageError(f"--regime: {REGIMES.unknown_message(args.regime)}")
+    regime = REGIMES.get(args.regime)
+    model_raw: dict[str, Any] = {"name": args.model, "arch": args.model, "weights": args.weights}
+    if args.weights == "pretrain":
+        raise UsageError("--weights pretrain needs a sweep file; pass the checkpoint file path instead")
+    if args.input_size is not None:
+        model_raw["input_size"] = args.input_size
+    if args.regime in ("scratch", "pretrain"):
+        model_raw["weights"] = "random"
+    try:
+        model = _model(model_raw, "--model/--weights", [args.seed])
+        dataset = _dataset_ref({"name": args.dataset, **_parse_kv(args.dataset_option, "--dataset-option")},
+                               "--dataset")
+    except SpecError as e:
+        raise UsageError(str(e)) from None
+    flags = {"lr": args.lr, "wd": args.wd, "l2": args.l2, "steps": args.steps, "batch_size": args.batch_size}
+    given = {k: v for k, v in flags.items() if v is not None}
+    hparams: dict[str, float] = {}
+    for axis in regime.axes:
+        if axis not in given:
+            raise UsageError(f"--{axis.replace('_', '-')} is required for regime {args.regime!r} "
+                             f"(its hyper-parameters: {', '.join(regime.axes)})")
+        hparams[axis] = float(given.pop(axis))
+    options_raw = {**given, **_parse_kv(args.option, "--option")}
+    try:
+        options = _check_options(options_raw, regime.options, f"regime {args.regime} option")
+    except SpecError as e:
+        raise UsageError(str(e)) from None
+    stage = "pretrain" if args.regime == "pretrain" else args.stage
+    return TrialSpec(model=model, dataset=dataset, regime=args.regime, hparams=hparams, options=options,
+                     seed=args.seed, stage=stage)
+
+
+def cmd_trial(args: argparse.Namespace) -> int:
+    import time
+
+    from xfer.regimes import RunContext, run_trial
+
+    trial = trial_from_args(args)
+    ctx = RunContext(storage=Path(args.storage), data_root=Path(args.data_root), download=args.download,
+                     device=args.device,
+                     report=lambda step, m: print(f"  step {step:>6}  " + "  ".join(
+                         f"{k}={v:.4g}" for k, v in m.items()), flush=True))
+    print(f"trial {trial.key}: {args.model} on {args.dataset}, {args.regime} {dict(trial.hparams)}", flush=True)
+    t0 = time.perf_counter()
+    result = run_trial(trial, ctx)
+    seconds = time.perf_counter() - t0
+    print(f"status: {result.status}" + (f" ({result.message})" if result.message else ""))
+    for k, v in sorted(result.metrics.items()):
+        print(f"{k}: {v:.4f}")
+    print(f"time: {seconds:.1f}s")
+    if args.json:
+        print(json.dumps({**result.to_json(), "trial_key": trial.key, "seconds": round(seconds, 2)}))
+    return 0 if result.status in ("finished", "diverged") else 1
+
+
+# ------------------------------------------------------------------ xfer plan / datasets / models
+def cmd_plan(args: argparse.Namespace) -> int:
+    from xfer.spec import load_spec, plan
+
+    p = plan(load_spec(args.spec))
+    if args.json:
+        print(json.dumps(p, indent=2))
+        return 0
+    print(f"sweep {p['sweep']}: {p['models']} models × {p['datasets']} datasets × {p['seeds']} seed(s)")
+    for r, n in p["by_regime"].items():
+        grid = " × ".join(f"{a}:{k}" for a, k in p["grids"][r].items())
+        print(f"  {r:<14} {n:>7} trials  ({p['per_cell_by_regime'][r]} per model/dataset: {grid})")
+    print(f"  {'grid total':<14} {p['total']:>7}")
+    print(f"  {'pretrain':<14} {p['pretrain']:>7}  (source-training runs before the grid)")
+    print(f"  {'final':<14} {p['final']:>7}  (retrain best config on train+val, test once)")
+    if args.verbose:
+        for cell, n in p["by_model_dataset"].items():
+            print(f"    {cell}: {n}")
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from xfer.data import DATASETS
+
+    print(f"{'name':<18} {'classes':>7}  {'metric':<15} {'validation':<12} {'offline':<7} options")
+    for name in DATASETS.names():
+        e = DATASETS.get(name)
+        i = e.info
+        opts = ", ".join(sorted(e.options))
+        print(f"{name:<18} {i.num_classes:>7}  {i.metric:<15} {i.val_rule:<12} {'yes' if i.offline else 'no':<7} {opts}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    if args.all:
+        import timm
+
+        print("\n".join(timm.list_models(args.filter or "*")))
+        return 0
+    from xfer.models import source_table
+
+    print("Any timm architecture works (`xfer models --all`). Shipped ImageNet top-1 table "
+          "(timm's published results) for the paper's models:")
+    print(f"{'arch':<40} {'paper model':<24} {'top-1':>6}  note")
+    for row in source_table():
+        top1 = f"{100 * float(row['top1']):.2f}" if row.get("top1") not in (None, "") else "  —"
+        note = "stand-in" if str(row.get("stand_in", "")).lower() in ("1", "true", "yes") else ""
+        print(f"{row['arch']:<40} {row.get('paper_model', ''):<24} {top1:>6}  {note}")
+    return 0
+
+
+# ------------------------------------------------------------------ xfer sweep / report / submit
+def _add_sweep(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", help="a sweep file (sweeps/*.yaml)")
+    p.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI, the spec, sqlite:///mlflow.db)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--storage", help="override the spec's storage path")
+    p.add_argument("--data-root", help="override the spec's data_root")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep from Ray's storage")
+    p.add_argument("--no-final", action="store_true", help="stop after the grid (no final stage or report)")
+    p.add_argument("--max-concurrent", type=int, help="cap on trials running at once")
+    p.add_argument("--report-dir", help="where the report goes (default: <storage>/reports/<sweep>)")
+    p.add_argument("--quiet", action="store_true", help="only the summary")
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from xfer.sweep import run_sweep_cli
+
+    return run_sweep_cli(args)
+
+
+def _add_report(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--experiment", help="MLflow experiment (sweep name) to read final-stage runs from")
+    src.add_argument("--from-csv", help="a results table made elsewhere (columns: see README)")
+    p.add_argument("--tracking-uri")
+    p.add_argument("--out", help="output folder (default: ./reports/<name>)")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from xfer.sweep import report_cli
+
+    return report_cli(args)
+
+
+def _add_submit(p: argparse.ArgumentParser) -> None:
+    from xfer import k8s
+
+    k8s.configure_parser(p)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from xfer import k8s
+
+    return k8s.main(args)
+
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None] | None, Callable[[argparse.Namespace], int]]] = {
+    "trial": ("run one trial from flags (no Ray, no MLflow)", _add_trial, cmd_trial),
+    "plan": ("print a sweep's trial counts", None, cmd_plan),
+    "sweep": ("run a sweep with Ray Tune, tracked in MLflow", _add_sweep, cmd_sweep),
+    "report": ("selection + correlation report", _add_report, cmd_report),
+    "datasets": ("list registered datasets", None, cmd_datasets),
+    "models": ("list the shipped source-accuracy table (or timm's models)", None, cmd_models),
+    "submit": ("submit a sweep to Kubernetes as a KubeRay RayJob", _add_submit, cmd_submit),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xfer", description="Transfer-learning studies with Ray Tune and MLflow.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_, add, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        if add is not None:
+            add(p)
+    plan_p = sub.choices["plan"]
+    plan_p.add_argument("spec")
+    plan_p.add_argument("--json", action="store_true")
+    models_p = sub.choices["models"]
+    models_p.add_argument("--all", action="store_true", help="list every timm architecture")
+    models_p.add_argument("--filter", help="wildcard for --all, e.g. 'resnet*'")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    _, _, fn = COMMANDS[args.command]
+    try:
+        return fn(args)
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,539 @@
+"""Sweep specs: a YAML study description → validated objects → trials with stable keys.
+
+A ``SweepSpec`` names models × datasets × regimes (each with a hyper-parameter grid) × seeds.
+``expand`` turns it into ``TrialSpec`` objects; ``TrialSpec.key`` is a stable hash of everything
+that changes a trial's result (never of where it runs or how it is tracked), so a key names the
+trial's MLflow run, checkpoint folder and cached features, and reruns skip finished keys.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+PROTOCOL_VERSION = "1"
+WEIGHT_SOURCES = ("hub", "random", "pretrain", "file")
+
+
+class SpecError(ValueError):
+    """A spec problem; the message names the key path and what is valid."""
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def stable_hash(obj: Any, n: int = 16) -> str:
+    return hashlib.sha256(_canonical(obj).encode()).hexdigest()[:n]
+
+
+@dataclass(frozen=True)
+class PretrainSpec:
+    """How the pretrain regime makes a model's weights (source training)."""
+
+    dataset: "DatasetRef"
+    options: Mapping[str, Any]  # pretrain regime options (steps, batch_size, lr, wd, ...)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A backbone and where its weights come from.
+
+    ``arch`` is a timm model name, optionally with a pretrained tag (``resnet50.tv_in1k``).
+    ``weights``: ``hub`` (timm's pretrained weights), ``random``, ``pretrain`` (made by the pretrain
+    regime from ``pretrain``), or ``file`` (a local state dict at ``weights_file``).
+    """
+
+    name: str
+    arch: str
+    weights: str = "hub"
+    weights_file: str | None = None
+    pretrain: PretrainSpec | None = None
+    source_top1: float | None = None  # overrides the shipped table / the measured value
+    input_size: int | None = None  # overrides the pretrained config's input size
+    paper_name: str | None = None  # the paper model this stands for, for reports
+
+    def pretrain_trial(self) -> "TrialSpec":
+        if self.pretrain is None:
+            raise SpecError(f"model {self.name!r} has no pretrain block")
+        src = replace(self, weights="random", pretrain=None, source_top1=None, name=self.name)
+        return TrialSpec(model=src, dataset=self.pretrain.dataset, regime="pretrain", hparams={},
+                         options=dict(self.pretrain.options), seed=self.pretrain.seed, stage="pretrain")
+
+    def weights_id(self) -> str:
+        """What identifies the weights (part of every trial key that uses them)."""
+        if self.weights == "pretrain":
+            return f"pretrain:{self.pretrain_trial().key}"
+        if self.weights == "file":
+            p = Path(self.weights_file or "")
+            size = p.stat().st_size if p.exists() else -1
+            return f"file:{p.resolve()}:{size}"
+        return f"{self.weights}:{self.arch}"
+
+    def key_fields(self) -> dict[str, Any]:
+        # the name is part of the key: a trial belongs to a model entry of the study (two entries with
+        # the same architecture keep separate scratch runs, and the report finds each under its name)
+        return {"name": self.name, "arch": self.arch, "weights": self.weights_id(), "input_size": self.input_size}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> "ModelSpec":
+        d = dict(d)
+        if d.get("pretrain"):
+            p = dict(d["pretrain"])
+            d["pretrain"] = PretrainSpec(dataset=DatasetRef.from_dict(p["dataset"]),
+                                         options=dict(p["options"]), seed=p.get("seed", 0))
+        return ModelSpec(**d)
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """A registered dataset name plus its options (``label`` is the display name only)."""
+
+    name: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    label: str | None = None
+
+    @property
+    def display(self) -> str:
+        return self.label or self.name
+
+    def key_fields(self) -> dict[str, Any]:
+        # download/paths change where data comes from, not what it is
+        opts = {k: v for k, v in self.options.items() if k not in ("download",)}
+        return {"name": self.name, "options": opts}
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> "DatasetRef":
+        return DatasetRef(name=d["name"], options=dict(d.get("options") or {}), label=d.get("label"))
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One run of one regime: the unit Ray schedules and MLflow records."""
+
+    model: ModelSpec
+    dataset: DatasetRef
+    regime: str
+    hparams: Mapping[str, float]  # the grid axes: lr, wd (finetune/scratch), l2 (linear_probe)
+    options: Mapping[str, Any]  # the regime's other settings: steps, batch_size, ...
+    seed: int = 0
+    stage: str = "grid"  # grid | final | pretrain
+
+    @property
+    def key(self) -> str:
+        return stable_hash({
+            "model": self.model.key_fields(), "dataset": self.dataset.key_fields(),
+            "regime": self.regime, "hparams": dict(self.hparams), "options": dict(self.options),
+            "seed": self.seed, "stage": self.stage, "protocol": PROTOCOL_VERSION,
+        })
+
+    @property
+    def group(self) -> tuple[str, str, str]:
+        """The (model, dataset, regime) cell this trial belongs to (selection is per cell)."""
+        return (self.model.name, self.dataset.display, self.regime)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["hparams"] = dict(self.hparams)
+        d["options"] = dict(self.options)
+        return d
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> "TrialSpec":
+        return TrialSpec(model=ModelSpec.from_dict(d["model"]), dataset=DatasetRef.from_dict(d["dataset"]),
+                         regime=d["regime"], hparams=dict(d["hparams"]), options=dict(d["options"]),
+                         seed=int(d.get("seed", 0)), stage=d.get("stage", "grid"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and validation. Every problem raises SpecError naming the key path and what is valid.
+# ---------------------------------------------------------------------------------------------
+
+TOP_KEYS = {
+    "name": "sweep name (one MLflow experiment per name)",
+    "description": "free text",
+    "seeds": "list of ints (default [0])",
+    "data_root": "where datasets live (default ./data)",
+    "storage": "checkpoints, features and Ray results (default ./xfer-results)",
+    "tracking_uri": "MLflow tracking URI (default sqlite:///mlflow.db)",
+    "download": "allow torchvision dataset downloads (default false)",
+    "models": "list of models",
+    "datasets": "list of dataset names or {name, label, options...}",
+    "regimes": "mapping regime -> {grid: {...}, options...}",
+    "resources": "mapping regime -> {cpu, gpu} per trial",
+    "search": "{type: grid} (default) or {type: optuna, num_samples, seed}",
+    "final": "{enabled: true} — retrain the best config on train+val and test once",
+    "max_concurrent": "cap on trials running at once (default: as resources allow)",
+}
+MODEL_KEYS = ("name", "arch", "weights", "weights_file", "pretrain", "source_top1", "input_size", "paper_name")
+SEARCH_TYPES = ("grid", "optuna")
+RESOURCE_KEYS = ("cpu", "gpu")
+
+
+def _type_name(v: Any) -> str:
+    return type(v).__name__
+
+
+def _expect(cond: bool, path: str, msg: str) -> None:
+    if not cond:
+        raise SpecError(f"{path}: {msg}")
+
+
+def _check_keys(d: Mapping[str, Any], valid: Iterable[str], path: str) -> None:
+    valid = list(valid)
+    for k in d:
+        if k not in valid:
+            import difflib
+
+            close = difflib.get_close_matches(str(k), valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise SpecError(f"{path}.{k}: unknown key{hint}; valid keys: {', '.join(valid)}")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _expand_values(raw: Any, path: str) -> list[float]:
+    """A grid axis: a number, a list of numbers, or {logspace: [start, stop, num]} (endpoints are
+    values, not exponents), or a list mixing numbers and logspace blocks (e.g. ``[0, {logspace: …}]``)."""
+    items = raw if isinstance(raw, list) else [raw]
+    out: list[float] = []
+    for i, item in enumerate(items):
+        ipath = f"{path}[{i}]" if isinstance(raw, list) else path
+        if _is_number(item):
+            out.append(float(item))
+        elif isinstance(item, Mapping) and set(item) == {"logspace"}:
+            ls = item["logspace"]
+            _expect(isinstance(ls, list) and len(ls) == 3 and all(_is_number(x) for x in ls),
+                    ipath, f"logspace takes [start, stop, num], got {ls!r}")
+            a, b, n = ls
+            _expect(a > 0 and b > 0, ipath, "logspace endpoints must be > 0")
+            _expect(float(n).is_integer() and n >= 1, ipath, "logspace num must be an integer >= 1")
+            n = int(n)
+            if n == 1:
+                out.append(float(a))
+            else:
+                la, lb = math.log10(a), math.log10(b)
+                out.extend(float(10 ** (la + (lb - la) * k / (n - 1))) for k in range(n))
+        else:
+            raise SpecError(f"{ipath}: expected a number, a list of numbers or {{logspace: [start, stop, num]}}, "
+                            f"got {item!r}")
+    _expect(len(out) > 0, path, "the grid is empty; give at least one value")
+    _expect(len(set(out)) == len(out), path, f"the grid has repeated values: {out}")
+    return out
+
+
+AXIS_RULES = {  # axis -> (predicate, description); unknown axes only need to be finite numbers
+    "lr": (lambda v: v > 0, "> 0"),
+    "l2": (lambda v: v > 0, "> 0"),
+    "wd": (lambda v: v >= 0, ">= 0"),
+}
+
+
+def _same_kind(v: Any, default: Any) -> bool:
+    if default is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(v, bool)
+    if isinstance(default, int):
+        return _is_number(v) and float(v).is_integer()
+    if isinstance(default, float):
+        return _is_number(v)
+    return isinstance(v, type(default))
+
+
+def _check_options(raw: Mapping[str, Any], defaults: Mapping[str, Any], path: str) -> dict[str, Any]:
+    """Regime options: known names only, values of the default's type (ints accepted for floats)."""
+    _check_keys(raw, defaults, path)
+    out = dict(defaults)
+    for k, v in raw.items():
+        d = defaults[k]
+        _expect(_same_kind(v, d), f"{path}.{k}", f"expected {_type_name(d)}, got {v!r}")
+        out[k] = int(v) if isinstance(d, int) and not isinstance(d, bool) else v
+    for k in ("steps", "batch_size"):
+        if k in out and isinstance(out[k], int):
+            _expect(out[k] >= 1, f"{path}.{k}", f"must be >= 1, got {out[k]}")
+    return out
+
+
+def _dataset_ref(raw: Any, path: str) -> DatasetRef:
+    from xfer import data
+
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    _expect(isinstance(raw, Mapping), path, f"expected a dataset name or a mapping with 'name', got {raw!r}")
+    name = raw.get("name")
+    _expect(isinstance(name, str), f"{path}.name", "required (a registered dataset name)")
+    if name not in data.DATASETS:
+        raise SpecError(f"{path}.name: {data.DATASETS.unknown_message(name)}")
+    options = {k: v for k, v in raw.items() if k not in ("name", "label")}
+    valid = sorted(data.dataset_option_names(name))
+    for k in options:
+        _expect(k in valid, f"{path}.{k}",
+                f"unknown option for dataset {name!r}; valid: {', '.join(valid) or '(none)'}, name, label")
+    label = raw.get("label")
+    _expect(label is None or isinstance(label, str), f"{path}.label", "must be a string")
+    return DatasetRef(name=name, options=options, label=label)
+
+
+def _check_arch(arch: str, weights: str, path: str) -> None:
+    import timm
+
+    if not timm.is_model(arch):
+        import difflib
+
+        base = arch.split(".")[0]
+        close = difflib.get_close_matches(base, timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise SpecError(f"{path}: unknown timm architecture {arch!r}{hint} (see `xfer models --all`)")
+    if weights == "hub" and "." in arch and arch not in timm.list_pretrained(arch):
+        tags = timm.list_pretrained(arch.split(".")[0] + ".*")
+        raise SpecError(f"{path}: timm has no pretrained tag {arch!r}; available: {', '.join(tags) or '(none)'}")
+
+
+def _model(raw: Any, path: str, seeds: list[int]) -> ModelSpec:
+    from xfer.regimes import REGIMES
+
+    _expect(isinstance(raw, Mapping), path, f"expected a mapping with name and arch, got {raw!r}")
+    _check_keys(raw, MODEL_KEYS, path)
+    for k in ("name", "arch"):
+        _expect(isinstance(raw.get(k), str) and raw.get(k), f"{path}.{k}", "required (a non-empty string)")
+    weights = raw.get("weights", "hub")
+    _expect(isinstance(weights, str), f"{path}.weights", "expected a string")
+    weights_file = raw.get("weights_file")
+    if weights not in WEIGHT_SOURCES:
+        # shorthand: a path to a local weights file
+        if "/" in weights or weights.endswith((".pth", ".pt", ".bin", ".safetensors")):
+            weights, weights_file = "file", weights
+        else:
+            raise SpecError(f"{path}.weights: unknown weight source {weights!r}; valid: "
+                            f"{', '.join(WEIGHT_SOURCES)} or a path to a weights file")
+    if weights == "file":
+        _expect(isinstance(weights_file, str) and weights_file, f"{path}.weights_file",
+                "required when weights is 'file' (a path to a state dict)")
+    _check_arch(raw["arch"], weights, f"{path}.arch")
+    pretrain = None
+    if weights == "pretrain":
+        pre = raw.get("pretrain")
+        _expect(isinstance(pre, Mapping), f"{path}.pretrain",
+                "required when weights is 'pretrain': {dataset: NAME, steps: N, lr: X, ...}")
+        pre = dict(pre)
+        _expect("dataset" in pre, f"{path}.pretrain.dataset", "required (the source dataset)")
+        ds = _dataset_ref(pre.pop("dataset"), f"{path}.pretrain.dataset")
+        seed = pre.pop("seed", seeds[0])
+        _expect(isinstance(seed, int) and not isinstance(seed, bool), f"{path}.pretrain.seed", "expected an int")
+        opts = _check_options(pre, REGIMES.get("pretrain").options, f"{path}.pretrain")
+        pretrain = PretrainSpec(dataset=ds, options=opts, seed=seed)
+    elif raw.get("pretrain") is not None:
+        raise SpecError(f"{path}.pretrain: only used with weights: pretrain (weights is {weights!r})")
+    top1 = raw.get("source_top1")
+    if top1 is not None:
+        _expect(_is_number(top1) and 0 <= top1 <= 1, f"{path}.source_top1",
+                f"a fraction in [0, 1] (76.1% -> 0.761), got {top1!r}")
+    size = raw.get("input_size")
+    if size is not None:
+        _expect(isinstance(size, int) and not isinstance(size, bool) and size >= 8, f"{path}.input_size",
+                f"an integer >= 8 (pixels), got {size!r}")
+    paper = raw.get("paper_name")
+    _expect(paper is None or isinstance(paper, str), f"{path}.paper_name", "must be a string")
+    return ModelSpec(name=raw["name"], arch=raw["arch"], weights=weights, weights_file=weights_file,
+                     pretrain=pretrain, source_top1=None if top1 is None else float(top1),
+                     input_size=size, paper_name=paper)
+
+
+@dataclass(frozen=True)
+class RegimeSpec:
+    name: str
+    grid: Mapping[str, list[float]]
+    options: Mapping[str, Any]
+
+
+def _regime(name: str, raw: Any, path: str) -> RegimeSpec:
+    from xfer.regimes import REGIMES
+
+    if name == "pretrain":
+        raise SpecError(f"{path}: 'pretrain' is not a grid regime; give a model `weights: pretrain` "
+                        "and a `pretrain:` block instead")
+    if name not in REGIMES:
+        raise SpecError(f"{path}: {REGIMES.unknown_message(name)}")
+    regime = REGIMES.get(name)
+    raw = {} if raw is None else raw
+    _expect(isinstance(raw, Mapping), path, f"expected a mapping {{grid: ..., options...}}, got {raw!r}")
+    raw = dict(raw)
+    grid_raw = raw.pop("grid", None)
+    _expect(isinstance(grid_raw, Mapping), f"{path}.grid",
+            f"required: a mapping of {', '.join(regime.axes)} to values")
+    _check_keys(grid_raw, regime.axes, f"{path}.grid")
+    grid: dict[str, list[float]] = {}
+    for axis in regime.axes:
+        _expect(axis in grid_raw, f"{path}.grid.{axis}", "missing; every axis of the regime needs values")
+        values = _expand_values(grid_raw[axis], f"{path}.grid.{axis}")
+        rule = AXIS_RULES.get(axis)
+        if rule:
+            bad = [v for v in values if not rule[0](v)]
+            _expect(not bad, f"{path}.grid.{axis}", f"values must be {rule[1]}, got {bad}")
+        grid[axis] = values
+    options = _check_options(raw, regime.options, path)
+    return RegimeSpec(name=name, grid=grid, options=options)
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A validated study: see ``load_spec``."""
+
+    name: str
+    models: tuple[ModelSpec, ...]
+    datasets: tuple[DatasetRef, ...]
+    regimes: tuple[RegimeSpec, ...]
+    seeds: tuple[int, ...] = (0,)
+    description: str = ""
+    data_root: str = "./data"
+    storage: str = "./xfer-results"
+    tracking_uri: str | None = None
+    download: bool = False
+    resources: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    search: Mapping[str, Any] = field(default_factory=lambda: {"type": "grid"})
+    final: bool = True
+    max_concurrent: int | None = None
+    path: str | None = None
+
+    def model(self, name: str) -> ModelSpec:
+        return next(m for m in self.models if m.name == name)
+
+    def pretrain_trials(self) -> list[TrialSpec]:
+        """One source-training trial per distinct pretrain key, in model order."""
+        seen: dict[str, TrialSpec] = {}
+        for m in self.models:
+            if m.weights == "pretrain":
+                t = m.pretrain_trial()
+                seen.setdefault(t.key, t)
+        return list(seen.values())
+
+    def grid_trials(self) -> list[TrialSpec]:
+        """Every grid trial: seeds × models × datasets × regimes × grid product, in a stable order."""
+        out: list[TrialSpec] = []
+        for seed in self.seeds:
+            for m in self.models:
+                for ds in self.datasets:
+                    for r in self.regimes:
+                        axes = list(r.grid)
+                        for values in itertools.product(*(r.grid[a] for a in axes)):
+                            out.append(TrialSpec(model=m, dataset=ds, regime=r.name,
+                                                 hparams=dict(zip(axes, values)), options=dict(r.options),
+                                                 seed=seed, stage="grid"))
+        return out
+
+    def resources_for(self, regime: str) -> dict[str, float]:
+        res = {"cpu": 1.0, "gpu": 0.0}
+        res.update(self.resources.get(regime, {}))
+        return res
+
+
+def parse_spec(raw: Any, path: str | None = None) -> SweepSpec:
+    """Validate a parsed YAML document into a SweepSpec (see TOP_KEYS for the schema)."""
+    _expect(isinstance(raw, Mapping), "spec", f"expected a mapping at the top level, got {_type_name(raw)}")
+    _check_keys(raw, TOP_KEYS, "spec")
+    name = raw.get("name")
+    _expect(isinstance(name, str) and name.strip(), "spec.name", "required (a non-empty string)")
+    seeds = raw.get("seeds", [0])
+    _expect(isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool)
+                                                         for s in seeds),
+            "spec.seeds", f"a non-empty list of integers, got {seeds!r}")
+    for key in ("models", "datasets"):
+        _expect(isinstance(raw.get(key), list) and raw.get(key), f"spec.{key}", "required: a non-empty list")
+    models = [_model(m, f"spec.models[{i}]", seeds) for i, m in enumerate(raw["models"])]
+    names = [m.name for m in models]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    _expect(not dup, "spec.models", f"model names must be unique; repeated: {', '.join(dup)}")
+    datasets = [_dataset_ref(d, f"spec.datasets[{i}]") for i, d in enumerate(raw["datasets"])]
+    labels = [d.display for d in datasets]
+    dup = sorted({n for n in labels if labels.count(n) > 1})
+    _expect(not dup, "spec.datasets", f"dataset names must be unique (give a `label`); repeated: {', '.join(dup)}")
+    regimes_raw = raw.get("regimes")
+    _expect(isinstance(regimes_raw, Mapping) and regimes_raw, "spec.regimes",
+            "required: a mapping of regime name to {grid: ...}")
+    regimes = [_regime(str(k), v, f"spec.regimes.{k}") for k, v in regimes_raw.items()]
+
+    resources = raw.get("resources") or {}
+    _expect(isinstance(resources, Mapping), "spec.resources", "expected a mapping regime -> {cpu, gpu}")
+    from xfer.regimes import REGIMES
+
+    for r, res in resources.items():
+        _expect(r in REGIMES, f"spec.resources.{r}", REGIMES.unknown_message(r))
+        _expect(isinstance(res, Mapping), f"spec.resources.{r}", "expected {cpu: N, gpu: N}")
+        _check_keys(res, RESOURCE_KEYS, f"spec.resources.{r}")
+        for k, v in res.items():
+            _expect(_is_number(v) and v >= 0, f"spec.resources.{r}.{k}", f"a number >= 0, got {v!r}")
+            if k == "gpu" and v > 1:
+                _expect(float(v).is_integer(), f"spec.resources.{r}.gpu", "fractions are only allowed below 1")
+    search = dict(raw.get("search") or {"type": "grid"})
+    _check_keys(search, ("type", "num_samples", "seed"), "spec.search")
+    _expect(search.get("type", "grid") in SEARCH_TYPES, "spec.search.type",
+            f"valid: {', '.join(SEARCH_TYPES)}, got {search.get('type')!r}")
+    search.setdefault("type", "grid")
+    if search["type"] == "optuna":
+        n = search.get("num_samples")
+        _expect(isinstance(n, int) and n >= 1, "spec.search.num_samples", "required for optuna: an integer >= 1")
+    final = raw.get("final", {"enabled": True})
+    _expect(isinstance(final, Mapping), "spec.final", "expected {enabled: true|false}")
+    _check_keys(final, ("enabled",), "spec.final")
+    _expect(isinstance(final.get("enabled", True), bool), "spec.final.enabled", "expected true or false")
+    for key in ("data_root", "storage", "tracking_uri", "description"):
+        v = raw.get(key)
+        _expect(v is None or isinstance(v, str), f"spec.{key}", f"expected a string, got {v!r}")
+    _expect(isinstance(raw.get("download", False), bool), "spec.download", "expected true or false")
+    mc = raw.get("max_concurrent")
+    _expect(mc is None or (isinstance(mc, int) and mc >= 1), "spec.max_concurrent", "an integer >= 1")
+    return SweepSpec(
+        name=name.strip(), models=tuple(models), datasets=tuple(datasets), regimes=tuple(regimes),
+        seeds=tuple(seeds), description=raw.get("description") or "",
+        data_root=raw.get("data_root") or "./data", storage=raw.get("storage") or "./xfer-results",
+        tracking_uri=raw.get("tracking_uri"), download=bool(raw.get("download", False)),
+        resources={k: dict(v) for k, v in resources.items()}, search=search,
+        final=bool(final.get("enabled", True)), max_concurrent=mc, path=path)
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    """Read and validate a sweep YAML file; any problem is a SpecError naming the file and key."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"{p}: no such sweep file")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise SpecError(f"{p}: not valid YAML: {e}") from None
+    try:
+        return parse_spec(raw, path=str(p))
+    except SpecError as e:
+        raise SpecError(f"{p}: {e}") from None
+
+
+def plan(spec: SweepSpec) -> dict[str, Any]:
+    """Trial counts, for `xfer plan` (``total`` counts grid trials)."""
+    trials = spec.grid_trials()
+    by_regime: dict[str, int] = {}
+    by_cell: dict[str, int] = {}
+    for t in trials:
+        by_regime[t.regime] = by_regime.get(t.regime, 0) + 1
+        cell = f"{t.model.name} / {t.dataset.display}"
+        by_cell[cell] = by_cell.get(cell, 0) + 1
+    per_cell_regime = {r.name: math.prod(len(v) for v in r.grid.values()) for r in spec.regimes}
+    n_cells = len(spec.models) * len(spec.datasets) * len(spec.seeds)
+    return {
+        "sweep": spec.name, "total": len(trials), "pretrain": len(spec.pretrain_trials()),
+        "final": n_cells * len(spec.regimes) if spec.final else 0,
+        "models": len(spec.models), "datasets": len(spec.datasets), "seeds": len(spec.seeds),
+        "by_regime": by_regime, "per_cell_by_regime": per_cell_regime, "by_model_dataset": by_cell,
+        "grids": {r.name: {a: len(v) for a, v in r.grid.items()} for r in spec.regimes},
+    }
