@@ -147,6 +147,14 @@ class TrialSpec:
         return d
 
     @staticmethod
+    def from_config(config: Mapping[str, Any]) -> "TrialSpec":
+        """Rebuild a trial from a Ray Tune config: ``{"trial": to_dict()}``, where a searcher (Optuna)
+        may have put sampled values of the grid axes at the top level (``{"trial": …, "lr": 0.01}``)."""
+        trial = TrialSpec.from_dict(config["trial"])
+        sampled = {k: float(config[k]) for k in trial.hparams if k in config}
+        return replace(trial, hparams={**trial.hparams, **sampled}) if sampled else trial
+
+    @staticmethod
     def from_dict(d: Mapping[str, Any]) -> "TrialSpec":
         return TrialSpec(model=ModelSpec.from_dict(d["model"]), dataset=DatasetRef.from_dict(d["dataset"]),
                          regime=d["regime"], hparams=dict(d["hparams"]), options=dict(d["options"]),

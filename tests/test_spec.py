@@ -1,0 +1,183 @@
+"""Sweep specs: validation errors name the key path and the valid choices; expansion and keys are stable."""
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from xfer.spec import SpecError, load_spec, parse_spec, plan
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BASE = {
+    "name": "t",
+    "models": [{"name": "a", "arch": "test_convnext", "weights": "random", "input_size": 32}],
+    "datasets": ["digits"],
+    "regimes": {
+        "linear_probe": {"grid": {"l2": [1e-3, 1e-1]}},
+        "finetune": {"grid": {"lr": {"logspace": [1e-3, 1e-1, 3]}, "wd": [0, 1e-4]}, "steps": 10, "batch_size": 16},
+    },
+}
+
+
+def spec_with(**changes):
+    raw = copy.deepcopy(BASE)
+    for path, value in changes.items():
+        node = raw
+        keys = path.split("__")
+        for k in keys[:-1]:
+            node = node[int(k)] if isinstance(node, list) else node[k]
+        last = keys[-1]
+        if value is DELETE:
+            del node[last]
+        elif isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return raw
+
+
+DELETE = object()
+
+MALFORMED = [  # (changes, substrings the error must contain)
+    (dict(nme="x"), ["spec.nme", "did you mean 'name'", "valid keys"]),
+    (dict(name=DELETE), ["spec.name", "required"]),
+    (dict(models=[]), ["spec.models", "non-empty list"]),
+    (dict(models__0__arch="resnet5O"), ["spec.models[0].arch", "unknown timm architecture", "resnet50"]),
+    (dict(models__0__weights="imagenet"), ["spec.models[0].weights", "valid: hub, random, pretrain, file"]),
+    (dict(models__0__weights="pretrain"), ["spec.models[0].pretrain", "required when weights is 'pretrain'"]),
+    (dict(models__0__source_top1=76.1), ["spec.models[0].source_top1", "fraction"]),
+    (dict(datasets=["cifar11"]), ["spec.datasets[0].name", "unknown dataset", "cifar10"]),
+    (dict(datasets=[{"name": "digits", "colour": True}]), ["spec.datasets[0].colour", "unknown option"]),
+    (dict(regimes__linear_probe__grid__l2=[]), ["spec.regimes.linear_probe.grid.l2", "empty"]),
+    (dict(regimes__linear_probe__grid__l2=[-1.0]), ["spec.regimes.linear_probe.grid.l2", "> 0"]),
+    (dict(regimes__finetune__grid__lr={"logspace": [1e-3, 1e-1]}), ["logspace takes [start, stop, num]"]),
+    (dict(regimes__finetune__grid__wd=DELETE), ["spec.regimes.finetune.grid.wd", "missing"]),
+    (dict(regimes__finetune__grid__momentum=[0.9]), ["spec.regimes.finetune.grid.momentum", "valid keys: lr, wd"]),
+    (dict(regimes__finetune__steps="many"), ["spec.regimes.finetune.steps", "expected int"]),
+    (dict(regimes__finetune__stpes=10), ["spec.regimes.finetune.stpes", "did you mean 'steps'"]),
+    (dict(regimes__finetuen={"grid": {"lr": [0.1], "wd": [0]}}), ["spec.regimes.finetuen", "unknown regime", "finetune"]),
+    (dict(regimes__pretrain={"grid": {}}), ["spec.regimes.pretrain", "weights: pretrain"]),
+    (dict(seeds="0"), ["spec.seeds", "list of integers"]),
+    (dict(resources={"finetune": {"gpus": 1}}), ["spec.resources.finetune.gpus", "valid keys: cpu, gpu"]),
+    (dict(resources={"finetune": {"gpu": 1.5}}), ["spec.resources.finetune.gpu", "fractions"]),
+    (dict(search={"type": "random"}), ["spec.search.type", "grid, optuna"]),
+    (dict(models=[BASE["models"][0], BASE["models"][0]]), ["spec.models", "unique", "a"]),
+]
+
+
+@pytest.mark.parametrize("changes,expected", MALFORMED, ids=[next(iter(c)) for c, _ in MALFORMED])
+def test_malformed_spec_names_key_and_choices(changes, expected):
+    with pytest.raises(SpecError) as err:
+        parse_spec(spec_with(**changes))
+    msg = str(err.value)
+    for part in expected:
+        assert part in msg, f"{part!r} not in {msg!r}"
+
+
+def test_not_a_mapping_and_bad_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- a\n- b\n")
+    with pytest.raises(SpecError, match="expected a mapping at the top level"):
+        load_spec(lst)
+    with pytest.raises(SpecError, match="no such sweep file"):
+        load_spec(tmp_path / "missing.yaml")
+
+
+def test_logspace_and_mixed_lists():
+    spec = parse_spec(spec_with(regimes__finetune__grid__wd=[0, {"logspace": [1e-6, 1e-3, 4]}]))
+    ft = next(r for r in spec.regimes if r.name == "finetune")
+    assert ft.grid["lr"] == pytest.approx([1e-3, 1e-2, 1e-1])
+    assert ft.grid["wd"] == pytest.approx([0, 1e-6, 1e-5, 1e-4, 1e-3])
+
+
+def test_expansion_counts_and_stable_keys():
+    spec = parse_spec(copy.deepcopy(BASE))
+    trials = spec.grid_trials()
+    assert len(trials) == 2 + 3 * 2
+    assert plan(spec)["total"] == 8
+    again = parse_spec(copy.deepcopy(BASE)).grid_trials()
+    assert [t.key for t in trials] == [t.key for t in again]
+    assert len({t.key for t in trials}) == len(trials)
+
+
+@pytest.mark.parametrize("change", [
+    dict(models__0__input_size=48),
+    dict(models__0__arch="test_resnet"),
+    dict(regimes__finetune__steps=11),
+    dict(regimes__finetune__batch_size=8),
+    dict(seeds=[1]),
+    dict(datasets=[{"name": "synthetic_near"}]),
+])
+def test_any_result_changing_field_changes_the_key(change):
+    base = {t.group + (json.dumps(dict(t.hparams)),): t.key for t in parse_spec(copy.deepcopy(BASE)).grid_trials()}
+    changed = [t.key for t in parse_spec(spec_with(**change)).grid_trials()]
+    assert not set(changed) & set(base.values())
+
+
+def test_tracking_and_resources_do_not_change_keys():
+    a = [t.key for t in parse_spec(copy.deepcopy(BASE)).grid_trials()]
+    b = [t.key for t in parse_spec(spec_with(tracking_uri="http://x", storage="/elsewhere",
+                                             resources={"finetune": {"cpu": 4, "gpu": 0.5}})).grid_trials()]
+    assert a == b
+
+
+def test_adding_a_model_keeps_existing_keys():
+    raw = copy.deepcopy(BASE)
+    before = {t.key for t in parse_spec(raw).grid_trials()}
+    raw["models"].append({"name": "b", "arch": "test_resnet", "weights": "random", "input_size": 32})
+    after = {t.key for t in parse_spec(raw).grid_trials()}
+    assert before < after and len(after - before) == len(before)
+
+
+def test_pretrain_models_expand_to_one_source_trial_each():
+    raw = copy.deepcopy(BASE)
+    raw["models"] = [{"name": f"m{i}", "arch": "test_convnext", "weights": "pretrain", "input_size": 32,
+                      "pretrain": {"dataset": "synthetic_source", "steps": 10 * (i + 1)}} for i in range(2)]
+    spec = parse_spec(raw)
+    pre = spec.pretrain_trials()
+    assert [t.regime for t in pre] == ["pretrain", "pretrain"] and len({t.key for t in pre}) == 2
+    # downstream keys depend on which checkpoint they transfer from
+    ids = {t.model.weights_id() for t in spec.grid_trials()}
+    assert ids == {f"pretrain:{t.key}" for t in pre}
+
+
+def test_trial_roundtrip_through_ray_config():
+    from xfer.spec import TrialSpec
+
+    t = parse_spec(copy.deepcopy(BASE)).grid_trials()[-1]
+    assert TrialSpec.from_config({"trial": t.to_dict()}).key == t.key
+    sampled = TrialSpec.from_config({"trial": t.to_dict(), "lr": 0.5})
+    assert sampled.hparams["lr"] == 0.5 and sampled.key != t.key
+
+
+def test_paper_spec_has_the_paper_counts():
+    p = plan(load_spec(ROOT / "sweeps" / "kornblith2019.yaml"))
+    assert p["models"] == 16 and p["datasets"] == 12
+    assert p["per_cell_by_regime"] == {"linear_probe": 45, "finetune": 56, "scratch": 56}
+    assert p["total"] == 16 * 12 * (45 + 56 + 56)
+
+
+def _xfer(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "xfer.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def test_cli_plan_json_and_bad_spec_exit_cleanly(tmp_path):
+    r = _xfer("plan", "sweeps/kornblith2019.yaml", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["total"] == 30144
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(spec_with(datasets=["cifar11"])))
+    r = _xfer("plan", str(bad))
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr and "cifar10" in r.stderr

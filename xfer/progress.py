@@ -1,0 +1,113 @@
+"""A readable live view of a sweep stage, replacing Ray Tune's table output.
+
+One line per finished trial, a status line at most every ``interval_s`` seconds while trials run,
+and the best-so-far per (model, dataset, regime) at the end of the stage.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from ray.tune import Callback
+
+
+def _fmt_hparams(h: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.3g}" for k, v in h.items())
+
+
+@dataclass
+class StageProgress:
+    """Pure bookkeeping (no Ray): counts and best-so-far, so the view is testable on its own."""
+
+    stage: str
+    total: int
+    done: int = 0
+    failed: int = 0
+    diverged: int = 0
+    running: set[str] = field(default_factory=set)
+    best: dict[tuple[str, str, str], tuple[float, str, str]] = field(default_factory=dict)
+
+    def start(self, trial_id: str) -> None:
+        self.running.add(trial_id)
+
+    def finish(self, trial_id: str, cfg: dict[str, Any], status: str, metrics: dict[str, Any]) -> str:
+        self.running.discard(trial_id)
+        self.done += 1
+        if status == "failed":
+            self.failed += 1
+        elif status == "diverged":
+            self.diverged += 1
+        cell = (cfg["model"]["name"], cfg["dataset"].get("label") or cfg["dataset"]["name"], cfg["regime"])
+        name, value = _headline(metrics)
+        if status == "finished" and value is not None:
+            if cell not in self.best or value > self.best[cell][0]:
+                self.best[cell] = (value, name, _fmt_hparams(cfg["hparams"]))
+        result = f"{name} {value:.3f}" if value is not None else status
+        if status != "finished":
+            result = f"{status.upper()}" + (f" ({metrics.get('message', '')[:80]})" if metrics.get("message") else "")
+        return (f"[{self.stage} {self.done}/{self.total}] {'/'.join(cell)} {_fmt_hparams(cfg['hparams'])} → {result}")
+
+    def status_line(self) -> str:
+        return (f"[{self.stage}] {self.done}/{self.total} done · {len(self.running)} running · "
+                f"{self.failed} failed · {self.diverged} diverged")
+
+    def best_table(self) -> list[str]:
+        rows = [f"best so far ({self.stage}):"]
+        for cell in sorted(self.best):
+            value, name, hp = self.best[cell]
+            rows.append(f"  {'/'.join(cell):<50} {name} {value:.3f}  ({hp})")
+        return rows
+
+
+def _headline(metrics: dict[str, Any]) -> tuple[str, float | None]:
+    for prefix in ("val_", "test_", "source_"):
+        for k, v in metrics.items():
+            if k.startswith(prefix) and isinstance(v, (int, float)):
+                return k, float(v)
+    return "", None
+
+
+class ProgressCallback(Callback):
+    """Prints StageProgress lines from the Tune driver."""
+
+    def __init__(self, stage: str, total: int, stream: IO[str] | None = None, interval_s: float = 30.0,
+                 quiet: bool = False) -> None:
+        self.progress = StageProgress(stage, total)
+        self.stream = stream
+        self.interval_s = interval_s
+        self.quiet = quiet
+        self._last = time.monotonic()
+        self._finished: set[str] = set()
+
+    def _print(self, line: str) -> None:
+        if not self.quiet:
+            print(line, file=self.stream or sys.stdout, flush=True)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.progress.start(trial.trial_id)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get("xfer_final") and trial.trial_id not in self._finished:
+            self._finished.add(trial.trial_id)
+            self._print(self.progress.finish(trial.trial_id, trial.config["trial"], result.get("status", "failed"),
+                                             result))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        if trial.trial_id not in self._finished:
+            self._finished.add(trial.trial_id)
+            err = str(trial.error_file or "worker error")
+            self._print(self.progress.finish(trial.trial_id, trial.config["trial"], "failed", {"message": err}))
+
+    def on_step_end(self, iteration, trials, **info):
+        now = time.monotonic()
+        if now - self._last >= self.interval_s and self.progress.running:
+            self._last = now
+            self._print(self.progress.status_line())
+
+    def on_experiment_end(self, trials, **info):
+        self._print(self.progress.status_line())
+        if self.progress.best:
+            for line in self.progress.best_table():
+                self._print(line)

@@ -1,0 +1,326 @@
+"""`xfer sweep`: Ray Tune wiring for the study's stages.
+
+    pretrain (source training, once per model) → features (once per key) → grid → final → report
+
+The trainable is a thin adapter: it rebuilds the TrialSpec from the Ray config, calls
+``regimes.run_trial`` and reports what it returns. MLflow is written only by the driver-side
+``TrackingCallback`` (one writer; SQLite cannot take concurrent writers). Regimes know nothing of Ray.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import IO, Any, Sequence
+
+import numpy as np
+
+from xfer.regimes.base import RunContext
+from xfer.spec import SweepSpec, TrialSpec, load_spec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SweepPaths:
+    """Absolute locations: trial processes may run in another working directory (Tune chdirs into
+    trial folders; a Ray job unpacks its working_dir elsewhere), so nothing relative crosses to them."""
+
+    storage: Path
+    data_root: Path
+
+    @property
+    def ray(self) -> Path:
+        return self.storage / "ray"
+
+    def predictions(self, key: str) -> Path:
+        return self.storage / "predictions" / f"{key}.npz"
+
+    def work_dir(self, key: str) -> Path:
+        return self.storage / "trials" / key
+
+
+def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def execute_trial(trial: TrialSpec, paths: SweepPaths, *, download: bool, report) -> dict[str, Any]:
+    """Run one trial and turn its result into the final result dict the callbacks read.
+    Plain Python (no Ray), so the adapter's behaviour is testable without a cluster."""
+    from xfer.models import source_top1
+    from xfer.regimes import run_trial
+
+    ctx = RunContext(storage=paths.storage, data_root=paths.data_root, download=download,
+                     work_dir=paths.work_dir(trial.key), report=report)
+    result = run_trial(trial, ctx)
+    artifacts = dict(result.artifacts)
+    if trial.stage == "final" and result.scores is not None and result.targets is not None:
+        pred = paths.predictions(trial.key)
+        _save_npz_atomic(pred, scores=np.asarray(result.scores), targets=np.asarray(result.targets))
+        artifacts["predictions"] = str(pred)
+    metrics = dict(result.metrics)
+    if "source_top1" not in metrics and result.status == "finished":
+        try:
+            top1 = source_top1(trial.model, ctx)
+        except Exception as e:  # noqa: BLE001 - a missing table entry must not fail a finished trial
+            log.warning("no source accuracy for %s: %s", trial.model.name, e)
+            top1 = None
+        if top1 is not None:
+            metrics["source_top1"] = float(top1)
+    return {"xfer_final": True, "xfer_step": int(result.steps_done), "status": result.status,
+            "message": result.message, "metric": result.metric, "artifacts": artifacts, **metrics}
+
+
+def _trainable(config: dict[str, Any], *, storage: str, data_root: str, download: bool) -> None:
+    """The Ray Tune function trainable (thin: everything happens in execute_trial)."""
+    import torch
+    from ray import tune
+
+    cpus = int(os.environ.get("OMP_NUM_THREADS", "1") or 1)
+    torch.set_num_threads(max(1, cpus))
+    trial = TrialSpec.from_config(config)
+    paths = SweepPaths(Path(storage), Path(data_root))
+
+    def report(step: int, metrics: dict[str, float]) -> None:
+        tune.report({"xfer_step": int(step), **{k: float(v) for k, v in metrics.items()}})
+
+    tune.report(execute_trial(trial, paths, download=download, report=report))
+
+
+def _compute_features(trial_dict: dict[str, Any], storage: str, data_root: str, download: bool) -> str:
+    """Ray task: fill the feature store for one linear-probe trial's model × dataset (all splits)."""
+    from xfer import features
+
+    trial = TrialSpec.from_dict(trial_dict)
+    ctx = RunContext(storage=Path(storage), data_root=Path(data_root), download=download)
+    features.precompute(trial, ctx)
+    for stage in ("final",):  # the final stage reads trainval/test: compute them now, in the same pass
+        features.precompute(replace(trial, stage=stage), ctx)
+    return trial.key
+
+
+# ------------------------------------------------------------------ Ray connection
+def connect_ray(address: str | None) -> str:
+    """Join a cluster (``--address``, or ``RAY_ADDRESS`` as inside ``ray job submit``) or start a
+    local Ray sized to this machine. Returns a short description for the log."""
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return "ray (already initialised)"
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return f"ray cluster at {address}"
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private, loopback-only cluster for this process
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
+             object_store_memory=256 * 1024 * 1024, _node_ip_address="127.0.0.1")
+    return f"local ray ({os.cpu_count()} CPUs)"
+
+
+# ------------------------------------------------------------------ stages
+@dataclass
+class StageOutcome:
+    stage: str
+    total: int
+    skipped: int
+    ran: int
+    seconds: float
+    statuses: dict[str, int] = field(default_factory=dict)
+
+
+def _resources(spec: SweepSpec):
+    from ray import tune
+
+    def for_config(config: dict[str, Any]):
+        res = spec.resources_for(config["trial"]["regime"])
+        bundle = {"CPU": float(res["cpu"])}
+        if res["gpu"]:
+            bundle["GPU"] = float(res["gpu"])
+        return tune.PlacementGroupFactory([bundle])
+
+    return for_config
+
+
+def _trial_dirname(trial) -> str:
+    t = trial.config["trial"]
+    return f"{t['regime']}-{TrialSpec.from_config(trial.config).key}"
+
+
+def run_stage(stage: str, trials: Sequence[TrialSpec], *, spec: SweepSpec, paths: SweepPaths, tracker,
+              resume: bool = False, max_concurrent: int | None = None, quiet: bool = False,
+              stream: IO[str] | None = None, rerun: set[str] = frozenset()) -> StageOutcome:
+    """Run ``trials`` as one Tune experiment (a grid over the trial list), skipping keys MLflow
+    already has as finished/diverged; ``resume`` restores the stage's Tune experiment instead."""
+    from ray import tune
+
+    from xfer.progress import ProgressCallback
+    from xfer.tracking import TrackingCallback
+
+    out = stream or sys.stdout
+    t0 = time.perf_counter()
+    done = tracker.finished_keys([t.key for t in trials])
+    todo = [t for t in trials if t.key not in done or t.key in rerun]
+    print(f"{stage}: {len(trials)} trials — {len(trials) - len(todo)} done, {len(todo)} to run", file=out, flush=True)
+    exp_name = f"{spec.name}-{stage}"
+    exp_path = paths.ray / exp_name
+    restoring = resume and tune.Tuner.can_restore(str(exp_path))
+    if not todo and not restoring:
+        return StageOutcome(stage, len(trials), len(trials), 0, time.perf_counter() - t0)
+
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, storage=str(paths.storage), data_root=str(paths.data_root),
+                             download=spec.download),
+        _resources(spec))
+    callbacks = [TrackingCallback(tracker.uri, tracker.experiment_id, tracker.parent_run_id),
+                 ProgressCallback(stage, len(todo), stream=out, quiet=quiet)]
+    if restoring:
+        print(f"{stage}: resuming the Tune experiment at {exp_path}", file=out, flush=True)
+        tuner = tune.Tuner.restore(str(exp_path), trainable, resume_unfinished=True, resume_errored=True)
+        # The restored RunConfig carries the previous invocation's callbacks (pickled in tuner.pkl);
+        # this invocation has its own parent run and progress view. No public setter exists.
+        tuner._local_tuner._run_config.callbacks = callbacks  # noqa: SLF001
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"trial": tune.grid_search([t.to_dict() for t in todo])},
+            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent or spec.max_concurrent,
+                                        trial_dirname_creator=_trial_dirname,
+                                        trial_name_creator=_trial_dirname),
+            run_config=tune.RunConfig(name=exp_name, storage_path=str(paths.ray), callbacks=callbacks,
+                                      verbose=0, failure_config=tune.FailureConfig(max_failures=1)),
+        )
+    grid = tuner.fit()
+    statuses: dict[str, int] = {}
+    for r in grid:
+        s = (r.metrics or {}).get("status", "failed")
+        statuses[s] = statuses.get(s, 0) + 1
+    return StageOutcome(stage, len(trials), len(trials) - len(todo), len(todo), time.perf_counter() - t0, statuses)
+
+
+def run_features(trials: Sequence[TrialSpec], *, spec: SweepSpec, paths: SweepPaths,
+                 stream: IO[str] | None = None) -> int:
+    """Compute frozen features once per (weights, dataset) for every linear-probe trial, in parallel
+    Ray tasks, before the grid (so the 45-value λ grid never recomputes them)."""
+    import ray
+
+    from xfer import features
+
+    out = stream or sys.stdout
+    ctx = RunContext(storage=paths.storage, data_root=paths.data_root, download=spec.download)
+    need: dict[str, TrialSpec] = {}
+    for t in trials:
+        if t.regime != "linear_probe":
+            continue
+        keys = tuple(features.feature_key(t.model, t.dataset, split, ctx) for split in ("train", "val", "trainval", "test"))
+        if not all((ctx.features_dir() / f"{k}.pt").exists() for k in keys):
+            need.setdefault("|".join(keys), t)
+    if not need:
+        return 0
+    res = spec.resources_for("linear_probe")
+    task = ray.remote(num_cpus=res["cpu"], num_gpus=res["gpu"], max_retries=1)(_compute_features)
+    print(f"features: computing {len(need)} frozen-feature sets", file=out, flush=True)
+    refs = [task.remote(t.to_dict(), str(paths.storage), str(paths.data_root), spec.download) for t in need.values()]
+    for i, ref in enumerate(refs, 1):
+        ray.get(ref)
+        print(f"[features {i}/{len(refs)}] done", file=out, flush=True)
+    return len(need)
+
+
+# ------------------------------------------------------------------ the command
+@dataclass
+class SweepResult:
+    experiment: str
+    tracking_uri: str
+    parent_run_id: str
+    stages: list[StageOutcome]
+    report: dict[str, Any] | None = None
+
+
+def _abs_sqlite(uri: str) -> str:
+    """Make a relative sqlite URI absolute, so the UI hint works from anywhere."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
+def run_sweep(spec: SweepSpec, *, tracking_uri: str | None = None, address: str | None = None,
+              storage: str | None = None, data_root: str | None = None, resume: bool = False,
+              final: bool | None = None, max_concurrent: int | None = None, report_dir: str | None = None,
+              quiet: bool = False, stream: IO[str] | None = None) -> SweepResult:
+    from xfer import tracking
+
+    out = stream or sys.stdout
+    uri = _abs_sqlite(tracking.resolve_tracking_uri(tracking_uri, spec.tracking_uri))
+    tracking.check_reachable(uri)
+    paths = SweepPaths(Path(storage or spec.storage).resolve(), Path(data_root or spec.data_root).resolve())
+    paths.storage.mkdir(parents=True, exist_ok=True)
+    where = connect_ray(address)
+    tracker = tracking.SweepTracker(uri, spec.name)
+    parent = tracker.start_parent({"spec": spec.path, "models": len(spec.models), "datasets": len(spec.datasets),
+                                   "regimes": ",".join(r.name for r in spec.regimes)},
+                                  spec_path=spec.path)
+    print(f"sweep {spec.name}: {where}; tracking {uri} (parent run {parent})", file=out, flush=True)
+    stages: list[StageOutcome] = []
+    status = "FAILED"
+    try:
+        kw = dict(spec=spec, paths=paths, tracker=tracker, resume=resume, max_concurrent=max_concurrent,
+                  quiet=quiet, stream=out)
+        pre = spec.pretrain_trials()
+        if pre:
+            # a pretrain trial counts as done only if its checkpoint is on *this* storage too; a new
+            # storage path re-makes checkpoints (into the same MLflow run, found by key)
+            missing = {t.key for t in pre if not (paths.storage / "checkpoints" / t.key / "model.pth").exists()}
+            stages.append(run_stage("pretrain", pre, rerun=missing, **kw))
+        grid = spec.grid_trials()
+        run_features(grid, spec=spec, paths=paths, stream=out)
+        stages.append(run_stage("grid", grid, **kw))
+        report = None
+        if (spec.final if final is None else final):
+            from xfer import final as final_stage
+
+            finals = final_stage.final_trials_for(spec, tracker)
+            stages.append(run_stage("final", finals, **kw))
+            report = final_stage.write_report(spec, tracker, paths, report_dir=report_dir, stream=out)
+        status = "FINISHED"
+        return SweepResult(spec.name, uri, parent, stages, report)
+    finally:
+        tracker.end_parent(status)
+        _print_summary(spec, uri, stages, out)
+
+
+def _print_summary(spec: SweepSpec, uri: str, stages: list[StageOutcome], out: IO[str]) -> None:
+    print("", file=out)
+    print(f"== sweep {spec.name} summary ==", file=out)
+    for s in stages:
+        st = ", ".join(f"{k} {v}" for k, v in sorted(s.statuses.items())) or "nothing run"
+        print(f"  {s.stage:<9} {s.total:>5} trials: {s.skipped} already done, {s.ran} run ({st}) in {s.seconds:.0f}s",
+              file=out)
+    print(f"  MLflow experiment: {spec.name!r} at {uri}", file=out)
+    if uri.startswith("sqlite:"):
+        print(f"  browse: mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)", file=out)
+    else:
+        print(f"  browse: {uri}", file=out)
+    out.flush()
+
+
+def run_sweep_cli(args) -> int:
+    spec = load_spec(args.spec)
+    result = run_sweep(spec, tracking_uri=args.tracking_uri, address=args.address, storage=args.storage,
+                       data_root=args.data_root, resume=args.resume, final=False if args.no_final else None,
+                       max_concurrent=args.max_concurrent, report_dir=args.report_dir, quiet=args.quiet)
+    failed = sum(s.statuses.get("failed", 0) for s in result.stages)
+    return 1 if failed else 0
+
+
+def report_cli(args) -> int:
+    from xfer import final as final_stage
+
+    return final_stage.report_cli(args)
