@@ -22,7 +22,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from xfer.registry import UnknownNameError
     from xfer.spec import SpecError
 
-    return (UsageError, SpecError, UnknownNameError, FileNotFoundError)
+    from xfer.tracking import TrackingError
+
+    return (UsageError, SpecError, UnknownNameError, FileNotFoundError, TrackingError)
 
 
 # ------------------------------------------------------------------ xfer trial
@@ -206,7 +208,7 @@ def _add_report(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from xfer.sweep import report_cli
+    from xfer.final import report_cli
 
     return report_cli(args)
 

@@ -125,6 +125,10 @@ def connect_ray(address: str | None) -> str:
 
 
 # ------------------------------------------------------------------ stages
+class SweepInterrupted(Exception):
+    """Tune stopped before every trial reported (Ctrl-C); Ray's state is saved for --resume."""
+
+
 @dataclass
 class StageOutcome:
     stage: str
@@ -160,12 +164,12 @@ def run_stage(stage: str, trials: Sequence[TrialSpec], *, spec: SweepSpec, paths
     already has as finished/diverged; ``resume`` restores the stage's Tune experiment instead."""
     from ray import tune
 
+    from xfer import tracking
     from xfer.progress import ProgressCallback
-    from xfer.tracking import TrackingCallback
 
     out = stream or sys.stdout
     t0 = time.perf_counter()
-    done = tracker.finished_keys([t.key for t in trials])
+    done = tracking.finished_keys(tracker.uri, tracker.experiment_name, stage)
     todo = [t for t in trials if t.key not in done or t.key in rerun]
     print(f"{stage}: {len(trials)} trials — {len(trials) - len(todo)} done, {len(todo)} to run", file=out, flush=True)
     exp_name = f"{spec.name}-{stage}"
@@ -178,7 +182,7 @@ def run_stage(stage: str, trials: Sequence[TrialSpec], *, spec: SweepSpec, paths
         tune.with_parameters(_trainable, storage=str(paths.storage), data_root=str(paths.data_root),
                              download=spec.download),
         _resources(spec))
-    callbacks = [TrackingCallback(tracker.uri, tracker.experiment_id, tracker.parent_run_id),
+    callbacks = [tracking.TrackingCallback(tracker),
                  ProgressCallback(stage, len(todo), stream=out, quiet=quiet)]
     if restoring:
         print(f"{stage}: resuming the Tune experiment at {exp_path}", file=out, flush=True)
@@ -190,7 +194,10 @@ def run_stage(stage: str, trials: Sequence[TrialSpec], *, spec: SweepSpec, paths
         tuner = tune.Tuner(
             trainable,
             param_space={"trial": tune.grid_search([t.to_dict() for t in todo])},
+            # reuse_actors: a trial process (torch, timm, cached datasets already loaded) serves the next
+            # trial with the same resources — on small trials this is most of the wall time
             tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent or spec.max_concurrent,
+                                        reuse_actors=True,
                                         trial_dirname_creator=_trial_dirname,
                                         trial_name_creator=_trial_dirname),
             run_config=tune.RunConfig(name=exp_name, storage_path=str(paths.ray), callbacks=callbacks,
@@ -198,9 +205,17 @@ def run_stage(stage: str, trials: Sequence[TrialSpec], *, spec: SweepSpec, paths
         )
     grid = tuner.fit()
     statuses: dict[str, int] = {}
+    unfinished = 0
     for r in grid:
-        s = (r.metrics or {}).get("status", "failed")
+        metrics = r.metrics or {}
+        if not metrics.get("xfer_final") and r.error is None:
+            unfinished += 1  # stopped before its final report: Tune was interrupted (Ctrl-C / SIGINT)
+            continue
+        s = metrics.get("status", "failed")
         statuses[s] = statuses.get(s, 0) + 1
+    if unfinished:
+        raise SweepInterrupted(f"{stage}: interrupted with {unfinished} trial(s) unfinished; "
+                               f"continue with `xfer sweep {spec.path or 'SPEC'} --resume`")
     return StageOutcome(stage, len(trials), len(trials) - len(todo), len(todo), time.perf_counter() - t0, statuses)
 
 
@@ -264,12 +279,13 @@ def run_sweep(spec: SweepSpec, *, tracking_uri: str | None = None, address: str 
     paths.storage.mkdir(parents=True, exist_ok=True)
     where = connect_ray(address)
     tracker = tracking.SweepTracker(uri, spec.name)
-    parent = tracker.start_parent({"spec": spec.path, "models": len(spec.models), "datasets": len(spec.datasets),
-                                   "regimes": ",".join(r.name for r in spec.regimes)},
-                                  spec_path=spec.path)
+    from xfer.spec import plan
+
+    summary = {k: v for k, v in plan(spec).items() if k != "by_model_dataset"}
+    parent = tracker.start_parent(summary, spec_path=spec.path)
     print(f"sweep {spec.name}: {where}; tracking {uri} (parent run {parent})", file=out, flush=True)
     stages: list[StageOutcome] = []
-    status = "FAILED"
+    status = "failed"
     try:
         kw = dict(spec=spec, paths=paths, tracker=tracker, resume=resume, max_concurrent=max_concurrent,
                   quiet=quiet, stream=out)
@@ -286,11 +302,14 @@ def run_sweep(spec: SweepSpec, *, tracking_uri: str | None = None, address: str 
         if (spec.final if final is None else final):
             from xfer import final as final_stage
 
-            finals = final_stage.final_trials_for(spec, tracker)
+            finals = final_stage.final_trials_for(spec, uri, stream=out)
             stages.append(run_stage("final", finals, **kw))
-            report = final_stage.write_report(spec, tracker, paths, report_dir=report_dir, stream=out)
-        status = "FINISHED"
+            report = final_stage.write_report(spec, uri, parent, paths.storage, report_dir=report_dir, stream=out)
+        status = "finished"
         return SweepResult(spec.name, uri, parent, stages, report)
+    except (SweepInterrupted, KeyboardInterrupt):
+        status = "killed"
+        raise
     finally:
         tracker.end_parent(status)
         _print_summary(spec, uri, stages, out)
@@ -313,14 +332,13 @@ def _print_summary(spec: SweepSpec, uri: str, stages: list[StageOutcome], out: I
 
 def run_sweep_cli(args) -> int:
     spec = load_spec(args.spec)
-    result = run_sweep(spec, tracking_uri=args.tracking_uri, address=args.address, storage=args.storage,
-                       data_root=args.data_root, resume=args.resume, final=False if args.no_final else None,
-                       max_concurrent=args.max_concurrent, report_dir=args.report_dir, quiet=args.quiet)
+    try:
+        result = run_sweep(spec, tracking_uri=args.tracking_uri, address=args.address, storage=args.storage,
+                           data_root=args.data_root, resume=args.resume, final=False if args.no_final else None,
+                           max_concurrent=args.max_concurrent, report_dir=args.report_dir, quiet=args.quiet)
+    except SweepInterrupted as e:
+        print(str(e), file=sys.stderr)
+        return 130
     failed = sum(s.statuses.get("failed", 0) for s in result.stages)
     return 1 if failed else 0
 
-
-def report_cli(args) -> int:
-    from xfer import final as final_stage
-
-    return final_stage.report_cli(args)

@@ -1,0 +1,93 @@
+"""The final stage's glue between MLflow, selection and the report (no training here).
+
+``final_trials_for`` reads the grid runs back from MLflow and asks ``select`` which configuration
+each (model, dataset, regime) cell keeps; ``write_report`` turns the final-stage runs into the
+results table and the report files, and attaches them to the sweep's parent run. ``report_cli``
+rebuilds a report from MLflow alone (or from a CSV made elsewhere).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+import pandas as pd
+
+from xfer import select, tracking
+from xfer.spec import SweepSpec, TrialSpec
+
+log = logging.getLogger(__name__)
+
+
+def final_trials_for(spec: SweepSpec, uri: str, stream: IO[str] | None = None) -> list[TrialSpec]:
+    """Best-on-validation per cell among this spec's grid trials → final-stage TrialSpecs."""
+    out = stream or sys.stdout
+    grid = spec.grid_trials()
+    selection = select.select_best(tracking.load_runs(uri, spec.name), trials=grid)
+    missing = selection[selection["status"] == "missing"]
+    for row in missing.itertuples(index=False):
+        print(f"final: no finished grid trial for {row.model} / {row.dataset} / {row.regime} — reported as missing",
+              file=out)
+    return select.final_trials(selection, grid)
+
+
+def results_from_mlflow(uri: str, experiment: str, grid: list[TrialSpec] | None = None) -> pd.DataFrame:
+    """The results table of an experiment: selection on grid runs, values from final runs."""
+    runs = tracking.load_runs(uri, experiment)
+    if runs.empty:
+        raise tracking.TrackingError(f"experiment {experiment!r} at {uri} has no trial runs")
+    selection = select.select_best(runs, trials=grid)
+    return select.results_table(runs[runs["stage"] == "final"], selection)
+
+
+def _predictions(uri: str, results: pd.DataFrame) -> dict[tuple[str, str, str], Any]:
+    preds = {}
+    for row in results.itertuples(index=False):
+        if isinstance(row.run_id, str) and row.run_id:
+            try:
+                preds[(row.model, row.dataset, row.regime)] = tracking.load_predictions(uri, row.run_id)
+            except Exception as e:  # noqa: BLE001 - significance marks are skipped for that cell, with a note
+                log.warning("no predictions for %s/%s/%s (%s): %s", row.model, row.dataset, row.regime, row.run_id, e)
+    return preds
+
+
+def build(results: pd.DataFrame, out_dir: Path, *, uri: str | None, title: str,
+          stream: IO[str] | None = None) -> dict[str, Any]:
+    from xfer import report
+
+    out = stream or sys.stdout
+    preds = _predictions(uri, results) if uri else None
+    made = report.build_report(results, out_dir, predictions=preds, title=title)
+    for regime, h in sorted(made["headline"].items()):
+        print(f"headline {regime:<13} r = {h['r']:.3f} [{h['ci_low']:.3f}, {h['ci_high']:.3f}]  "
+              f"ρ = {h['rho']:.3f}  (n = {h['n_models']} models)", file=out)
+    print(f"report: {made['files']['report.html']}", file=out, flush=True)
+    return made
+
+
+def write_report(spec: SweepSpec, uri: str, parent_run_id: str | None, storage: Path,
+                 report_dir: str | None = None, stream: IO[str] | None = None) -> dict[str, Any]:
+    out_dir = Path(report_dir) if report_dir else storage / "reports" / spec.name
+    results = results_from_mlflow(uri, spec.name, spec.grid_trials())
+    made = build(results, out_dir, uri=uri, title=f"xfer study: {spec.name}", stream=stream)
+    if parent_run_id:
+        tracking.log_report(uri, parent_run_id, list(made["files"].values()))
+    return made
+
+
+def report_cli(args) -> int:
+    """`xfer report --experiment NAME` (from MLflow alone) or `--from-csv FILE`."""
+    if args.from_csv:
+        from xfer import report
+
+        results = report.read_results_csv(args.from_csv)
+        out_dir = Path(args.out or Path("reports") / Path(args.from_csv).stem)
+        build(results, out_dir, uri=None, title=f"xfer report: {Path(args.from_csv).name}")
+        return 0
+    uri = tracking.resolve_tracking_uri(args.tracking_uri, None)
+    tracking.check_reachable(uri)
+    results = results_from_mlflow(uri, args.experiment)
+    out_dir = Path(args.out or Path("reports") / args.experiment)
+    build(results, out_dir, uri=uri, title=f"xfer study: {args.experiment}")
+    return 0
