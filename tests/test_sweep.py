@@ -95,7 +95,7 @@ def test_sweep_tracks_every_trial_once_and_reruns_add_nothing(tmp_path, ray_loca
         assert any(k.startswith("test_") for k in r.data.metrics)
         assert not any(k.startswith("val_") for k in r.data.metrics)
     assert "to run" in log and "mlflow ui" in log
-    assert result.report and Path(result.report["files"]["report.html"]).exists()
+    assert result.report and Path(result.report["files"]["report_html"]).exists()
 
     # the same command again: nothing new, and it says so
     out2 = io.StringIO()

@@ -22,9 +22,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from xfer.registry import UnknownNameError
     from xfer.spec import SpecError
 
+    from xfer.report import ResultsTableError
     from xfer.tracking import TrackingError
 
-    return (UsageError, SpecError, UnknownNameError, FileNotFoundError, TrackingError)
+    return (UsageError, SpecError, UnknownNameError, FileNotFoundError, TrackingError, ResultsTableError)
 
 
 # ------------------------------------------------------------------ xfer trial

@@ -59,11 +59,10 @@ def build(results: pd.DataFrame, out_dir: Path, *, uri: str | None, title: str,
     out = stream or sys.stdout
     preds = _predictions(uri, results) if uri else None
     made = report.build_report(results, out_dir, predictions=preds, title=title)
-    for regime, h in sorted(made["headline"].items()):
-        print(f"headline {regime:<13} r = {h['r']:.3f} [{h['ci_low']:.3f}, {h['ci_high']:.3f}]  "
-              f"ρ = {h['rho']:.3f}  (n = {h['n_models']} models)", file=out)
-    print(f"report: {made['files']['report.html']}", file=out, flush=True)
-    return made
+    for line in made.summary_lines():
+        print(f"headline {line}", file=out)
+    print(f"report: {made.files['report_html']}", file=out, flush=True)
+    return {"files": {k: str(v) for k, v in made.files.items()}, "headline": made.headline}
 
 
 def write_report(spec: SweepSpec, uri: str, parent_run_id: str | None, storage: Path,

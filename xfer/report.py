@@ -1,0 +1,654 @@
+"""The study report: tables, figures and the report files (the only analysis module that writes).
+
+``build_report(results, out_dir)`` takes a results table (one row per model × dataset × regime:
+model, dataset, regime, source_top1, metric, value; fractions in [0, 1]) and writes
+
+* ``report.md`` (figures linked as PNG files next to it) and a self-contained ``report.html``
+  (figures embedded as base64 data URIs; no external resources),
+* ``results.csv`` (the table it analysed, readable back with ``read_results_csv``),
+* ``headline.json`` (per regime: r, its CI, Spearman ρ, counts — what the sweep prints),
+* PNG figures: source top-1 vs mean log-odds transfer accuracy per regime (the paper's Figure 2),
+  per-dataset panels, the regime comparison (Figure 3-like), and per-regime heat maps with the
+  "not significantly worse than the best" cells outlined (needs per-example ``predictions``).
+
+The statistics are in ``xfer.stats`` (see its docstring for the log-odds clipping, the bootstrap, the
+within-subject intervals and the significance tests).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from xfer import stats
+
+log = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ["model", "dataset", "regime", "source_top1", "metric", "value"]
+OPTIONAL_COLUMNS = ["lr", "wd", "l2", "run_id", "val", "n_test", "status", "note", "n_seeds"]
+FRACTION_COLUMNS = ["source_top1", "value", "val"]
+REGIME_LABELS = {"finetune": "Fine-tuned", "linear_probe": "Logistic regression (frozen features)",
+                 "scratch": "Trained from random initialisation"}
+REGIME_COLORS = {"finetune": "#1f77b4", "linear_probe": "#d62728", "scratch": "#2ca02c"}
+DPI = 130
+OUTLINE = "#f76707"  # orange: visible on both ends of the heat map's colour scale
+
+
+class ResultsTableError(ValueError):
+    """A results table that cannot be analysed; the message says what is wrong and what is valid."""
+
+
+# ------------------------------------------------------------------ reading / validating the table
+def _fraction_column(df: pd.DataFrame, col: str, source: str, allow_percent: bool) -> pd.Series:
+    raw = df[col]
+    vals = pd.to_numeric(raw, errors="coerce")
+    bad = raw.notna() & (raw.astype(str).str.strip() != "") & vals.isna()
+    if bad.any():
+        examples = ", ".join(repr(v) for v in raw[bad].head(3))
+        raise ResultsTableError(f"{source}: column {col!r} has non-numeric values ({examples}); "
+                                "expected numbers (fractions in [0, 1]) or empty for missing")
+    finite = vals[np.isfinite(vals)]
+    if finite.empty or ((finite >= 0) & (finite <= 1)).all():
+        return vals
+    if allow_percent and ((finite > 1) & (finite <= 100)).all():
+        log.info("%s: column %r looks like percentages (all values in (1, 100]); dividing by 100", source, col)
+        return vals / 100.0
+    lo, hi = float(finite.min()), float(finite.max())
+    hint = (" (fractions and percentages mixed? percentages are accepted only when every value is in (1, 100])"
+            if allow_percent and lo >= 0 and hi <= 100 else "")
+    raise ResultsTableError(f"{source}: column {col!r} must hold fractions in [0, 1]"
+                            f"{' or percentages in (1, 100]' if allow_percent else ''}; found values in "
+                            f"[{lo:g}, {hi:g}]{hint}")
+
+
+def validate_results(df: pd.DataFrame, *, source: str = "results table", allow_percent: bool = False
+                     ) -> pd.DataFrame:
+    """Check a results table and return a clean copy (numeric fractions, string keys, no duplicate cells).
+
+    ``allow_percent``: a fraction column whose values all lie in (1, 100] is read as percentages
+    (divided by 100, with a logged note); mixed or out-of-range values are an error.
+    """
+    if not isinstance(df, pd.DataFrame):
+        raise ResultsTableError(f"{source}: expected a pandas DataFrame, got {type(df).__name__}")
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise ResultsTableError(
+            f"{source}: missing required column(s) {', '.join(missing)}. Required: {', '.join(REQUIRED_COLUMNS)}; "
+            f"optional: {', '.join(OPTIONAL_COLUMNS)}; found: {', '.join(map(str, df.columns)) or '(none)'}")
+    if df.empty:
+        raise ResultsTableError(f"{source}: the table has no rows")
+    out = df.copy()
+    for c in ("model", "dataset", "regime"):
+        blank = out[c].isna() | (out[c].astype(str).str.strip() == "")
+        if blank.any():
+            raise ResultsTableError(f"{source}: column {c!r} is empty in row(s) "
+                                    f"{', '.join(str(i) for i in out.index[blank][:5])}; every row needs a "
+                                    "model, dataset and regime")
+        out[c] = out[c].astype(str).str.strip()
+    out["metric"] = out["metric"].where(out["metric"].notna(), "").astype(str).str.strip()
+    for c in FRACTION_COLUMNS:
+        if c in out.columns:
+            out[c] = _fraction_column(out, c, source, allow_percent)
+    if "n_test" in out.columns:
+        out["n_test"] = pd.to_numeric(out["n_test"], errors="coerce")
+    dup = out.duplicated(["model", "dataset", "regime"], keep=False)
+    if dup.any():
+        cells = out.loc[dup, ["model", "dataset", "regime"]].drop_duplicates().head(5)
+        listed = "; ".join(" / ".join(r) for r in cells.itertuples(index=False))
+        raise ResultsTableError(f"{source}: more than one row for the same (model, dataset, regime): {listed}; "
+                                "a results table has one row per cell")
+    try:
+        stats.source_top1_by_model(out)
+    except ValueError as e:
+        raise ResultsTableError(f"{source}: {e}") from None
+    return out.reset_index(drop=True)
+
+
+def read_results_csv(path: str | Path) -> pd.DataFrame:
+    """Read a results table from CSV (the ``xfer report --from-csv`` format) and validate it.
+    Required columns: model, dataset, regime, source_top1, metric, value; optional: lr, wd, l2, run_id,
+    val, n_test (test-set size, used for the log-odds clipping), status, note. Accuracies are fractions in
+    [0, 1]; a column whose values all lie in (1, 100] is taken as percentages (with a logged note)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ResultsTableError(f"{p}: no such results file")
+    try:
+        df = pd.read_csv(p)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise ResultsTableError(f"{p}: not a readable CSV file: {e}") from None
+    return validate_results(df, source=str(p), allow_percent=True)
+
+
+# ------------------------------------------------------------------ figures
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas on save
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def _fmt_r(h: Mapping[str, Any]) -> str:
+    if h["n_models"] < 3 or not np.isfinite(h["r"]):
+        return f"r n/a ({h['n_models']} models)"
+    lo, hi = h["ci"]
+    ci = f" [{lo:.2f}, {hi:.2f}]" if np.isfinite(lo) else ""
+    return f"r = {h['r']:.2f}{ci}, ρ = {h['rho']:.2f} (n = {h['n_models']})"
+
+
+def _accuracy_axis(ax) -> None:
+    """A right-hand axis in accuracy (%) for a log-odds y-axis."""
+    def to_pct(x):
+        return 100.0 / (1.0 + np.exp(-np.asarray(x, float)))
+
+    def to_logit(p):
+        q = np.clip(np.asarray(p, float) / 100.0, 1e-9, 1 - 1e-9)
+        return np.log(q) - np.log1p(-q)
+
+    sec = ax.secondary_yaxis("right", functions=(to_pct, to_logit))
+    sec.set_ylabel("accuracy (%)")
+
+
+def _scatter_fit(ax, x: np.ndarray, y: np.ndarray, labels: Sequence[str] | None, color: str,
+                 yerr: np.ndarray | None = None, fontsize: float = 7.5) -> None:
+    if yerr is not None:
+        ax.errorbar(x, y, yerr=yerr, fmt="o", color=color, ms=5, capsize=2, lw=1, zorder=3)
+    else:
+        ax.plot(x, y, "o", color=color, ms=5, zorder=3)
+    if len(x) >= 3 and np.ptp(x) > 0:
+        grid = np.linspace(x.min(), x.max(), 100)
+        fit, lo, hi = stats.fit_line(x, y, grid)
+        ax.plot(grid, fit, "-", color=color, lw=1.2, alpha=0.9)
+        ax.fill_between(grid, lo, hi, color=color, alpha=0.15, lw=0, label="95% confidence band")
+    if labels is not None:
+        ax.margins(x=0.12, y=0.08)
+        _place_labels(ax, x, y, labels, fontsize)
+    ax.grid(True, alpha=0.3)
+
+
+def _place_labels(ax, x: np.ndarray, y: np.ndarray, labels: Sequence[str], fontsize: float) -> None:
+    """Label points without piling labels on each other: for each point (left to right) take the first
+    of a few offsets whose text box overlaps no placed label and no other point (approximate boxes in
+    axes-fraction units; good enough for a few dozen models)."""
+    x0, x1 = ax.get_xlim()
+    y0, y1 = ax.get_ylim()
+    bbox = ax.get_window_extent()
+    w_px, h_px = max(bbox.width, 1.0), max(bbox.height, 1.0)
+    pt = ax.figure.dpi / 72.0
+    fx = (np.asarray(x) - x0) / (x1 - x0)
+    fy = (np.asarray(y) - y0) / (y1 - y0)
+    ch_w, ch_h = 0.6 * fontsize * pt / w_px, 1.25 * fontsize * pt / h_px
+    off_x, off_y = 4 * pt / w_px, 3 * pt / h_px
+    placed: list[tuple[float, float, float, float]] = []
+
+    def overlap(b, c) -> float:
+        return max(0.0, min(b[2], c[2]) - max(b[0], c[0])) * max(0.0, min(b[3], c[3]) - max(b[1], c[1]))
+
+    for i in np.argsort(fx, kind="mergesort"):
+        w = ch_w * len(labels[i])
+        cands = [(off_x, off_y), (off_x, -off_y - ch_h), (-off_x - w, off_y), (-off_x - w, -off_y - ch_h),
+                 (off_x, 3 * off_y + ch_h), (off_x, -3 * off_y - 2 * ch_h)]
+        best, best_cost = cands[0], math.inf
+        for dx, dy in cands:
+            box = (fx[i] + dx, fy[i] + dy, fx[i] + dx + w, fy[i] + dy + ch_h)
+            cost = sum(overlap(box, b) for b in placed)
+            cost += sum(overlap(box, (fx[j] - 0.01, fy[j] - 0.01, fx[j] + 0.01, fy[j] + 0.01))
+                        for j in range(len(fx)) if j != i)
+            cost += 10 * max(0.0, box[2] - 1.0) + 10 * max(0.0, -box[0])  # stay inside the axes
+            if cost < best_cost - 1e-12:
+                best, best_cost = (dx, dy), cost
+            if cost == 0:
+                break
+        dx, dy = best
+        placed.append((fx[i] + dx, fy[i] + dy, fx[i] + dx + w, fy[i] + dy + ch_h))
+        ax.annotate(labels[i], (x[i], y[i]), xytext=(dx * w_px / pt, dy * h_px / pt), textcoords="offset points",
+                    fontsize=fontsize, color="#333", va="bottom", ha="left")
+
+
+def plot_correlation(results: pd.DataFrame, head: Mapping[str, Mapping[str, Any]],
+                     intervals: Mapping[str, pd.DataFrame], title: str) -> Any:
+    """Per regime: source top-1 vs mean log-odds transfer accuracy, with Morey error bars, the
+    least-squares line and its 95% confidence band; r, its CI and ρ in the panel title."""
+    regimes = list(head)
+    fig = _figure(5.2 * len(regimes), 4.6)
+    axes = fig.subplots(1, len(regimes), squeeze=False)[0]
+    src = stats.source_top1_by_model(results)
+    for ax, regime in zip(axes, regimes):
+        h = head[regime]
+        iv = intervals.get(regime)
+        models = h["models"]
+        color = REGIME_COLORS.get(regime, "#444")
+        if models:
+            x = src[models].to_numpy() * 100
+            block = stats.value_matrix(results, regime).loc[models, h["datasets"]]
+            y = block.mean(axis=1).to_numpy()
+            yerr = iv.loc[models, "half_width"].to_numpy() if iv is not None else None
+            _scatter_fit(ax, x, y, models, color, yerr)
+        else:
+            ax.text(0.5, 0.5, "no complete results", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(f"{REGIME_LABELS.get(regime, regime)}\n{_fmt_r(h)}", fontsize=10)
+        ax.set_xlabel("source-task (e.g. ImageNet) top-1 accuracy (%)")
+        ax.set_ylabel(f"mean transfer accuracy (log odds)\nover {h['n_datasets']} datasets")
+        _accuracy_axis(ax)
+    fig.suptitle(title, fontsize=12)
+    return fig
+
+
+def plot_per_dataset(results: pd.DataFrame, regime: str, per_dataset: pd.DataFrame) -> Any:
+    """Small multiples: one panel per dataset, source top-1 vs log-odds accuracy of each model."""
+    mat = stats.value_matrix(results, regime)
+    src = stats.source_top1_by_model(results)
+    datasets = list(mat.columns)
+    ncols = min(4, len(datasets))
+    nrows = math.ceil(len(datasets) / ncols)
+    fig = _figure(3.6 * ncols, 3.1 * nrows + 0.4)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    color = REGIME_COLORS.get(regime, "#444")
+    pd_r = per_dataset[per_dataset["regime"] == regime].set_index("dataset")
+    for i, ax in enumerate(axes.flat):
+        if i >= len(datasets):
+            ax.set_visible(False)
+            continue
+        ds = datasets[i]
+        y = mat[ds]
+        ok = y.notna() & src.reindex(y.index).notna()
+        x = src.reindex(y.index)[ok].to_numpy() * 100
+        _scatter_fit(ax, x, y[ok].to_numpy(), None, color)
+        r = pd_r.loc[ds, "r"] if ds in pd_r.index else math.nan
+        miss = int((~ok).sum())
+        rtxt = f"r = {r:.2f}" if np.isfinite(r) else "r n/a"
+        ax.set_title(f"{ds}: {rtxt}" + (f" ({miss} missing)" if miss else ""), fontsize=9.5)
+        if i % ncols == 0:
+            ax.set_ylabel("accuracy (log odds)")
+        if i // ncols == nrows - 1 or i + ncols >= len(datasets):
+            ax.set_xlabel("source top-1 (%)")
+    fig.suptitle(f"{REGIME_LABELS.get(regime, regime)}: per-dataset transfer vs source accuracy", fontsize=11)
+    return fig
+
+
+def plot_regime_comparison(results: pd.DataFrame) -> Any:
+    """Per dataset: each model's test accuracy under each regime (models ordered by source top-1)."""
+    comp = stats.regime_comparison(results)
+    regimes = stats.regimes_in(results)
+    datasets = stats.datasets_in(results)
+    models = stats.model_order(results)
+    ncols = min(4 if len(models) <= 10 else 3, len(datasets))
+    nrows = math.ceil(len(datasets) / ncols)
+    fig = _figure(max(3.6, 0.22 * len(models) + 1.6) * ncols, 3.0 * nrows + 1.2)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    xs = np.arange(len(models))
+    for i, ax in enumerate(axes.flat):
+        if i >= len(datasets):
+            ax.set_visible(False)
+            continue
+        ds = datasets[i]
+        sub = comp[comp["dataset"] == ds].set_index("model").reindex(models)
+        for regime in regimes:
+            y = sub[f"acc_{regime}"].to_numpy(float) * 100
+            line, = ax.plot(xs, y, "o-", ms=4, lw=1, color=REGIME_COLORS.get(regime, None),
+                            label=REGIME_LABELS.get(regime, regime))
+            gone = ~np.isfinite(y)
+            if gone.any():  # missing results stay visible: a cross on the x-axis in the regime's colour
+                ax.plot(xs[gone], np.full(gone.sum(), 0.03), "x", ms=7, mew=2, color=line.get_color(),
+                        transform=ax.get_xaxis_transform(), clip_on=False)
+        ax.set_title(ds, fontsize=10)
+        ax.set_xticks(xs)
+        bottom = i + ncols >= len(datasets)
+        ax.set_xticklabels(models if bottom else [], rotation=60, ha="right", fontsize=8)
+        if i % ncols == 0:
+            ax.set_ylabel("test accuracy (%)")
+        ax.grid(True, alpha=0.3)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(regimes), fontsize=9)
+    fig.suptitle("Regime comparison per dataset (models ordered by source top-1 →; × on the axis: missing result)",
+                 fontsize=11)
+    return fig
+
+
+def plot_heatmap(results: pd.DataFrame, regime: str, significance: pd.DataFrame | None,
+                 alpha: float = stats.ALPHA) -> Any:
+    """models × datasets accuracy (%) for one regime. Colour: log-odds standardised within each dataset
+    (datasets differ in difficulty); bold: best per dataset; outlined: not significantly worse than
+    the best; grey hatched: missing."""
+    from matplotlib.patches import Rectangle
+
+    acc = stats.value_matrix(results, regime, log_odds=False)
+    lo = stats.value_matrix(results, regime)
+    models = list(reversed(stats.model_order(results)))  # best source accuracy on top
+    acc, lo = acc.loc[models], lo.loc[models]
+    src = stats.source_top1_by_model(results)
+    z = (lo - lo.mean(axis=0)) / lo.std(axis=0, ddof=0).replace(0, np.nan)
+    z = z.where(lo.notna())
+    z = z.fillna(0.0).where(lo.notna())
+    n_m, n_d = acc.shape
+    fig = _figure(1.05 * n_d + 3.2, 0.42 * n_m + 2.2)
+    ax = fig.subplots()
+    data = np.ma.masked_invalid(z.to_numpy(float))
+    import matplotlib
+
+    cmap = matplotlib.colormaps["YlGnBu"].with_extremes(bad="#e6e6e6")
+    im = ax.imshow(data, cmap=cmap, vmin=-2, vmax=2, aspect="auto")
+    sig = None
+    tested: set[str] = set()  # datasets where at least one model was tested against the best
+    if significance is not None and not significance.empty:
+        sub = significance[significance["regime"] == regime]
+        tested = {str(d) for d in sub.loc[sub["test"].notna(), "dataset"]}
+        sig = sub.set_index(["model", "dataset"])
+    for i, m in enumerate(models):
+        for j, ds in enumerate(acc.columns):
+            v = acc.iat[i, j]
+            if not np.isfinite(v):
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", edgecolor="#999", lw=0))
+                ax.text(j, i, "missing", ha="center", va="center", fontsize=7.5, color="#555")
+                continue
+            zz = data[i, j]
+            weight = "normal"
+            if np.nanmax(acc[ds].to_numpy(float)) == v:
+                weight = "bold"
+            if sig is not None and ds in tested and (m, ds) in sig.index:
+                s = sig.loc[(m, ds)]
+                if not pd.isna(s["not_worse"]) and bool(s["not_worse"]):
+                    ax.add_patch(Rectangle((j - 0.44, i - 0.42), 0.88, 0.84, fill=False, edgecolor=OUTLINE, lw=2.4))
+            ax.text(j, i, f"{100 * v:.1f}", ha="center", va="center", fontsize=8.5, fontweight=weight,
+                    color="white" if float(zz) > 0.9 else "black")
+    ax.set_xticks(range(n_d))
+    untested = sig is not None and any(ds not in tested for ds in acc.columns)
+    ax.set_xticklabels([f"{ds} †" if untested and ds not in tested else ds for ds in acc.columns],
+                       rotation=35, ha="right", fontsize=9)
+    ax.set_yticks(range(n_m))
+    ax.set_yticklabels([f"{m} ({100 * src[m]:.1f}%)" if np.isfinite(src[m]) else f"{m} (n/a)" for m in models],
+                       fontsize=9)
+    ax.set_ylabel("model (source top-1)")
+    ax.set_xlabel("dataset")
+    cb = fig.colorbar(im, ax=ax, shrink=0.8)
+    cb.set_label("log odds, standardised per dataset (z)")
+    if sig is None:
+        note = "bold: best; significance not tested (no per-example predictions)"
+    else:
+        note = f"bold: best; orange outline: not significantly worse than the best (α = {alpha:g})"
+        note += "; † no per-example predictions, not tested" if untested else ""
+    ax.set_title(f"{REGIME_LABELS.get(regime, regime)}: test accuracy (%)\n{note}", fontsize=10)
+    return fig
+
+
+# ------------------------------------------------------------------ documents (markdown + html)
+def _fmt(v: Any, pct: bool = False, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)) or (v is pd.NA):
+        return "—"
+    if isinstance(v, (bool, np.bool_)):
+        return "yes" if v else "no"
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        if pct:
+            return f"{100 * float(v):.1f}"
+        f = float(v)
+        return f"{f:.{digits}g}" if (abs(f) < 1e-3 and f != 0) else f"{f:.{digits}f}"
+    return str(v)
+
+
+@dataclass
+class _Doc:
+    """A report as a list of blocks, rendered to both markdown and html."""
+
+    title: str
+    blocks: list[tuple[str, Any]] = field(default_factory=list)
+
+    def h(self, text: str) -> None:
+        self.blocks.append(("h2", text))
+
+    def p(self, text: str) -> None:
+        self.blocks.append(("p", text))
+
+    def table(self, df: pd.DataFrame, pct: Sequence[str] = ()) -> None:
+        shown = pd.DataFrame({c: [_fmt(v, c in pct) for v in df[c]] for c in df.columns}, columns=df.columns)
+        self.blocks.append(("table", shown))
+
+    def img(self, path: Path, caption: str) -> None:
+        self.blocks.append(("img", (path, caption)))
+
+    def markdown(self) -> str:
+        out = [f"# {self.title}", ""]
+        for kind, x in self.blocks:
+            if kind == "h2":
+                out += [f"## {x}", ""]
+            elif kind == "p":
+                out += [x, ""]
+            elif kind == "table":
+                cols = [str(c) for c in x.columns]
+                out.append("| " + " | ".join(cols) + " |")
+                out.append("|" + "|".join("---" for _ in cols) + "|")
+                for row in x.itertuples(index=False):
+                    out.append("| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |")
+                out.append("")
+            elif kind == "img":
+                path, caption = x
+                out += [f"![{caption}]({path.name})", "", f"*{caption}*", ""]
+        return "\n".join(out)
+
+    def html(self) -> str:
+        css = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+               "table{border-collapse:collapse;margin:0.5em 0 1.5em;font-size:0.9em}"
+               "th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f2f2f2}"
+               "td:first-child,th:first-child{text-align:left}img{max-width:100%;height:auto}"
+               "figure{margin:1em 0 2em}figcaption{font-style:italic;color:#555}")
+        out = ["<!DOCTYPE html>", "<html><head><meta charset='utf-8'>",
+               f"<title>{html.escape(self.title)}</title><style>{css}</style></head><body>",
+               f"<h1>{html.escape(self.title)}</h1>"]
+        for kind, x in self.blocks:
+            if kind == "h2":
+                out.append(f"<h2>{html.escape(x)}</h2>")
+            elif kind == "p":
+                out.append(f"<p>{html.escape(x)}</p>")
+            elif kind == "table":
+                out.append(x.to_html(index=False, escape=True, border=0))
+            elif kind == "img":
+                path, caption = x
+                data = base64.b64encode(path.read_bytes()).decode("ascii")
+                out.append(f"<figure><img alt='{html.escape(caption, quote=True)}' src='data:image/png;base64,{data}'>"
+                           f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        out.append("</body></html>")
+        return "\n".join(out)
+
+
+# ------------------------------------------------------------------ the report
+@dataclass
+class Report:
+    """What ``build_report`` wrote (``files``: name → path) and the per-regime headline numbers."""
+
+    files: dict[str, Path]
+    headline: dict[str, dict[str, Any]]
+
+    def __getitem__(self, name: str) -> Path:
+        return self.files[name]
+
+    def summary_lines(self) -> list[str]:
+        """One line per regime, for the sweep / CLI to print."""
+        lines = []
+        for regime, h in self.headline.items():
+            lines.append(f"{regime}: {_fmt_r(h)} over {h['n_datasets']} datasets")
+        return lines
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)
+
+
+def build_report(results: pd.DataFrame, out_dir: str | Path,
+                 predictions: Mapping[tuple[str, str, str], "tuple[np.ndarray, np.ndarray] | None"] | None = None,
+                 title: str = "Transfer study report", *, n_boot: int = 10_000, seed: int = 0,
+                 alpha: float = stats.ALPHA, n_permutations: int = 1_000,
+                 metric_fn: Callable[[str], stats.MetricFn] | None = None) -> Report:
+    """Analyse a results table and write the report files into ``out_dir`` (see the module docstring).
+
+    ``predictions`` maps (model, dataset, regime) to the final run's per-example test outputs
+    ``(scores [N, C], targets [N] or [N, C])`` (or None when absent); without them the heat maps mark
+    only the best model per dataset. Returns a ``Report`` (files + headline per regime).
+    """
+    results = validate_results(results)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+
+    head = stats.headline(results, n_boot=n_boot, seed=seed)
+    per_ds = stats.per_dataset_correlations(results, n_boot=min(n_boot, 2_000), seed=seed)
+    intervals: dict[str, pd.DataFrame] = {}
+    for regime, h in head.items():
+        if len(h["models"]) >= 2 and len(h["datasets"]) >= 2:
+            block = stats.value_matrix(results, regime).loc[h["models"], h["datasets"]]
+            intervals[regime] = stats.within_subject_intervals(block)
+    significance = None
+    if predictions:
+        significance = stats.not_worse_than_best(results, predictions, alpha=alpha, n_permutations=n_permutations,
+                                                 seed=seed, metric_fn=metric_fn)
+    comparison = stats.regime_comparison(results)
+    regimes = stats.regimes_in(results)
+    src = stats.source_top1_by_model(results)
+
+    # figures
+    figs: dict[str, tuple[Any, str]] = {
+        "fig_correlation": (plot_correlation(results, head, intervals, title),
+                            "Source top-1 vs mean log-odds transfer accuracy per regime; error bars: 95% within-"
+                            "subject intervals (Morey 2008); line: least squares with 95% confidence band."),
+    }
+    for regime in regimes:
+        figs[f"fig_per_dataset_{_slug(regime)}"] = (
+            plot_per_dataset(results, regime, per_ds),
+            f"{REGIME_LABELS.get(regime, regime)}: source top-1 vs log-odds accuracy on each dataset.")
+    if len(regimes) > 1:
+        figs["fig_regime_comparison"] = (plot_regime_comparison(results),
+                                         "Test accuracy per model under each regime, per dataset.")
+    for regime in regimes:
+        figs[f"fig_heatmap_{_slug(regime)}"] = (
+            plot_heatmap(results, regime, significance, alpha),
+            f"{REGIME_LABELS.get(regime, regime)}: test accuracy (%) per model and dataset.")
+    for name, (fig, _) in figs.items():
+        files[name] = _save(fig, out / f"{name}.png")
+
+    # tables + documents
+    doc = _Doc(title)
+    n_m, n_d = results["model"].nunique(), results["dataset"].nunique()
+    missing = results[~np.isfinite(pd.to_numeric(results["value"], errors="coerce"))]
+    doc.p(f"{n_m} models × {n_d} datasets × {len(regimes)} regimes ({', '.join(regimes)}); "
+          f"{len(results) - len(missing)} results, {len(missing)} missing.")
+    doc.h("Headline: does source accuracy predict transfer accuracy?")
+    rows = []
+    for regime, h in head.items():
+        lo, hi = h["ci"]
+        excluded = ", ".join(f"{k} ({v})" for k, v in {**h["excluded_models"], **h["excluded_datasets"]}.items())
+        rows.append({"regime": regime, "Pearson r": h["r"], f"{int(h['confidence'] * 100)}% CI": (
+            f"[{_fmt(lo, digits=2)}, {_fmt(hi, digits=2)}]"), "p": h["p"], "Spearman ρ": h["rho"], "ρ p": h["rho_p"],
+            "models": h["n_models"], "datasets": h["n_datasets"], "left out": excluded or "none"})
+    doc.table(pd.DataFrame(rows))
+    doc.p(f"r is between source top-1 and the mean log-odds test accuracy over datasets, across models; CI: "
+          f"percentile bootstrap over models ({n_boot} resamples, seed {seed}). Means need every model on every "
+          "dataset, so models or datasets with missing results are left out (listed).")
+    doc.img(files["fig_correlation"], figs["fig_correlation"][1])
+
+    doc.h("Per-model mean log-odds with within-subject intervals")
+    per_model = pd.DataFrame({"model": stats.model_order(results)})
+    per_model["source top-1 (%)"] = [src[m] for m in per_model["model"]]
+    for regime in regimes:
+        iv = intervals.get(regime)
+        per_model[f"{regime} mean log-odds"] = [iv.loc[m, "mean"] if iv is not None and m in iv.index else math.nan
+                                                for m in per_model["model"]]
+        per_model[f"{regime} ± (95%)"] = [iv.loc[m, "half_width"] if iv is not None and m in iv.index else math.nan
+                                          for m in per_model["model"]]
+    doc.table(per_model, pct=("source top-1 (%)",))
+
+    doc.h("Per-dataset correlations")
+    doc.table(per_ds.assign(CI=[f"[{_fmt(a, digits=2)}, {_fmt(b, digits=2)}]"
+                                for a, b in zip(per_ds["ci_low"], per_ds["ci_high"])])
+              [["regime", "dataset", "r", "CI", "p", "rho", "rho_p", "n_models"]])
+    for regime in regimes:
+        name = f"fig_per_dataset_{_slug(regime)}"
+        doc.img(files[name], figs[name][1])
+
+    if len(regimes) > 1:
+        doc.h("Regime comparison")
+        diff_cols = [c for c in comparison.columns if " - " in c]
+        summary = comparison.groupby("dataset", sort=False)[diff_cols].mean().reset_index()
+        doc.p("Mean over models of the log-odds difference between regimes, per dataset (positive: the first "
+              "regime is better).")
+        doc.table(summary)
+        doc.img(files["fig_regime_comparison"], figs["fig_regime_comparison"][1])
+
+    doc.h("Results per regime")
+    if significance is None:
+        doc.p("Significance not tested: no per-example test predictions were given (the report from a CSV "
+              "has none); bold marks the best model per dataset.")
+    else:
+        tests = sorted({t for t in significance["test"].dropna()})
+        doc.p(f"Outlined cells are not significantly worse than the dataset's best model (two-sided, α = {alpha}; "
+              f"tests: {', '.join(tests) or 'none'}; exact McNemar for top-1, paired permutation test with "
+              f"{n_permutations} permutations recomputing the metric otherwise).")
+    for regime in regimes:
+        name = f"fig_heatmap_{_slug(regime)}"
+        doc.img(files[name], figs[name][1])
+        wide = stats.value_matrix(results, regime, log_odds=False).reindex(stats.model_order(results))
+        doc.p(f"{regime}: test accuracy (%)")
+        doc.table(wide.reset_index().rename(columns={"index": "model"}), pct=list(wide.columns))
+    if significance is not None:
+        doc.h("Significance tests")
+        tested = significance.groupby(["regime", "dataset"], sort=False)["test"].transform(lambda t: t.notna().any())
+        if tested.any():
+            doc.table(significance[tested.astype(bool)], pct=("value",))
+        else:
+            doc.p("No pair could be tested (predictions were missing for the best models).")
+
+    doc.h("Missing results")
+    if missing.empty:
+        doc.p("None: every model × dataset × regime cell has a result.")
+    else:
+        cols = [c for c in ["model", "dataset", "regime", "status", "note"] if c in missing.columns]
+        doc.table(missing[cols])
+
+    doc.h("Methods")
+    doc.p(f"Log-odds: logit(p) = ln(p / (1 − p)) with p clipped to [ε, 1 − ε], ε = 1/(2n) when the test-set "
+          f"size n is known (column n_test), else {stats.DEFAULT_EPS:g}. Within-subject intervals: Cousineau "
+          "normalisation (subtract each dataset's mean over models, add the grand mean) with Morey's "
+          "sqrt(M/(M−1)) correction, t-interval over datasets. Selection used validation only; test was "
+          "evaluated once per cell at the selected hyper-parameters.")
+
+    results.to_csv(out / "results.csv", index=False)
+    files["results_csv"] = out / "results.csv"
+    (out / "headline.json").write_text(json.dumps(_json_safe(head), indent=2))
+    files["headline_json"] = out / "headline.json"
+    (out / "report.md").write_text(doc.markdown())
+    files["report_md"] = out / "report.md"
+    (out / "report.html").write_text(doc.html())
+    files["report_html"] = out / "report.html"
+    log.info("report written to %s", out)
+    return Report(files=files, headline=head)
+
+
+def report_main_from_csv(csv_path: str | Path, out_dir: str | Path, *, title: str | None = None) -> dict[str, Any]:
+    """``xfer report --from-csv``: read and validate the table, build the report. Returns a JSON-friendly
+    dict: {"files": name → path, "headline": per regime, "summary": printable lines}."""
+    results = read_results_csv(csv_path)
+    rep = build_report(results, out_dir, title=title or f"Transfer study report ({Path(csv_path).name})")
+    return {"files": {k: str(v) for k, v in rep.files.items()}, "headline": _json_safe(rep.headline),
+            "summary": rep.summary_lines()}

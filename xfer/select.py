@@ -1,0 +1,248 @@
+"""Best-on-validation selection and the final-stage trial list (pure: DataFrames and TrialSpecs in/out).
+
+Selection never sees test: it ranks grid runs by their ``val`` metric only. Each (model, dataset,
+regime) *cell* gets one configuration; the final stage retrains that configuration on train+val and
+evaluates test once (``final_trials``); ``results_table`` turns the final runs into the table that
+``xfer report`` analyses.
+
+Rules (all deterministic, so rerunning selection on the same runs picks the same trials):
+
+* Only ``status == "finished"`` runs with a finite ``val`` can be chosen; diverged and failed runs
+  are counted (``n_trials``) but never selected.
+* A *configuration* is the trial's grid point (lr, wd, l2). With several seeds its score is the mean
+  ``val`` over its finished seeds.
+* Tie-break, in order: higher val; smaller lr; larger l2 (stronger regularisation, the simpler
+  model); smaller wd; then the trial key (lexicographic) so that the result never depends on row
+  order. Vals are compared after rounding to 12 decimals (exact ties are common: accuracies are k/n).
+* A cell with no selectable run is kept with ``status="missing"`` — never dropped — so a report can
+  show what is absent. Pass ``trials=`` (the sweep's grid) to also report cells that have no runs at
+  all and to ignore runs of trials no longer in the sweep file.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import replace
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from xfer.spec import TrialSpec
+
+log = logging.getLogger(__name__)
+
+Cell = tuple[str, str, str]  # (model, dataset, regime)
+CELL_COLUMNS = ["model", "dataset", "regime"]
+HPARAM_COLUMNS = ["lr", "wd", "l2"]
+RUNS_REQUIRED = ["run_id", "trial_key", "model", "dataset", "regime", "stage", "status", "val"]
+SELECTION_COLUMNS = ["model", "dataset", "regime", "status", "run_id", "trial_key", "val", "lr", "wd", "l2",
+                     "n_trials", "n_finished", "metric", "source_top1"]
+RESULTS_COLUMNS = ["model", "dataset", "regime", "source_top1", "metric", "value", "lr", "wd", "l2", "run_id",
+                   "val", "status", "n_seeds", "note"]
+VAL_DECIMALS = 12
+
+
+def _check_columns(df: pd.DataFrame, required: Iterable[str], what: str) -> None:
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(f"{what}: expected a pandas DataFrame, got {type(df).__name__}")
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise ValueError(f"{what} lacks column(s) {', '.join(missing)}; required: {', '.join(required)}; "
+                         f"found: {', '.join(map(str, df.columns)) or '(none)'}")
+
+
+def _with_optional(df: pd.DataFrame) -> pd.DataFrame:
+    """Add the optional runs-table columns as NaN so the code below can rely on them."""
+    df = df.copy()
+    for c in HPARAM_COLUMNS + ["test", "source_top1", "seed", "start_time"]:
+        if c not in df.columns:
+            df[c] = np.nan
+    if "metric" not in df.columns:
+        df["metric"] = None
+    return df
+
+
+def expected_cells(trials: Iterable[TrialSpec]) -> list[Cell]:
+    """The (model, dataset, regime) cells a list of grid trials covers, in first-appearance order."""
+    seen: dict[Cell, None] = {}
+    for t in trials:
+        seen.setdefault(t.group, None)
+    return list(seen)
+
+
+def _hp_key(lr: Any, wd: Any, l2: Any) -> tuple:
+    """A hashable configuration identity from the runs-table floats (NaN → None; 12 significant digits
+    so that a value that went through MLflow's string params still matches)."""
+    def norm(v: Any) -> float | None:
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            return None
+        return None if math.isnan(f) else float(f"{f:.12g}")
+
+    return (norm(lr), norm(wd), norm(l2))
+
+
+def _time_key(start: pd.Series) -> pd.Series:
+    """start_time (timestamps from MLflow, or plain numbers) as floats for ordering; unknown → -inf."""
+    if not pd.api.types.is_numeric_dtype(start):
+        ts = pd.to_datetime(start, utc=True, errors="coerce")
+        return pd.Series([t.value if not pd.isna(t) else -np.inf for t in ts], index=start.index, dtype=float)
+    return pd.to_numeric(start, errors="coerce").astype(float).fillna(-np.inf)
+
+
+def _dedupe_by_key(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per trial_key (a re-run that was logged twice): keep the latest start_time."""
+    if runs.empty:
+        return runs
+    order = runs.assign(_t=_time_key(runs["start_time"]))
+    order = order.sort_values(["trial_key", "_t"], kind="mergesort")
+    return order.drop_duplicates("trial_key", keep="last").drop(columns="_t")
+
+
+def _rank_key(row: dict[str, Any]) -> tuple:
+    """Sort key: smaller is better (see the module docstring for the order)."""
+    def f(v: Any, sign: float) -> float:
+        return 0.0 if v is None or (isinstance(v, float) and math.isnan(v)) else sign * float(v)
+
+    lr, wd, l2 = row["hp"]
+    return (-round(float(row["val_mean"]), VAL_DECIMALS), f(lr, 1), f(l2, -1), f(wd, 1), str(row["trial_key"]))
+
+
+def _first_finite(values: pd.Series) -> float:
+    v = pd.to_numeric(values, errors="coerce").dropna()
+    return float(v.iloc[0]) if len(v) else math.nan
+
+
+def select_best(runs: pd.DataFrame, stage: str = "grid", *, trials: Sequence[TrialSpec] | None = None
+                ) -> pd.DataFrame:
+    """Pick the best configuration on ``val`` for every (model, dataset, regime) cell.
+
+    ``runs`` is the runs table (``xfer.tracking.load_runs``). ``trials`` (optional, the sweep's grid
+    TrialSpecs) fixes the set and order of cells — cells without any run come out as ``missing`` —
+    and restricts selection to runs whose trial_key is in that grid. Returns one row per cell with
+    ``SELECTION_COLUMNS``; ``run_id``/``trial_key`` name the chosen configuration's run with the
+    smallest seed.
+    """
+    _check_columns(runs, RUNS_REQUIRED, "runs table")
+    df = _with_optional(runs)
+    df = df[df["stage"] == stage]
+    hp_by_key: dict[str, tuple] = {}
+    if trials is not None:
+        keys = {t.key: t for t in trials}
+        outside = ~df["trial_key"].isin(keys)
+        if outside.any():
+            log.info("selection ignores %d %s run(s) whose trial key is not in the sweep's grid",
+                     int(outside.sum()), stage)
+        df = df[~outside]
+        hp_by_key = {k: _hp_key(t.hparams.get("lr"), t.hparams.get("wd"), t.hparams.get("l2"))
+                     for k, t in keys.items()}
+        cells = expected_cells(trials)
+    else:
+        cells = sorted({(str(m), str(d), str(r)) for m, d, r in df[CELL_COLUMNS].itertuples(index=False)})
+    df = _dedupe_by_key(df)
+    df = df.assign(hp=[hp_by_key.get(k) or _hp_key(lr, wd, l2)
+                       for k, lr, wd, l2 in df[["trial_key"] + HPARAM_COLUMNS].itertuples(index=False)])
+
+    groups = {cell: g for cell, g in df.groupby(CELL_COLUMNS, sort=False)}
+    rows = []
+    for cell in cells:
+        g = groups.get(cell, df.iloc[0:0])
+        ok = g[(g["status"] == "finished") & np.isfinite(pd.to_numeric(g["val"], errors="coerce"))]
+        row: dict[str, Any] = dict(zip(CELL_COLUMNS, cell), status="missing", run_id=None, trial_key=None,
+                                   val=math.nan, lr=math.nan, wd=math.nan, l2=math.nan, n_trials=len(g),
+                                   n_finished=int((g["status"] == "finished").sum()),
+                                   metric=next((m for m in g["metric"] if isinstance(m, str) and m), None),
+                                   source_top1=_first_finite(g["source_top1"]))
+        if not ok.empty:
+            ok = ok.assign(val=pd.to_numeric(ok["val"]), _seed=pd.to_numeric(ok["seed"], errors="coerce").fillna(0))
+            # one candidate per configuration: mean val over its finished seeds, named by its smallest seed
+            cands = []
+            for hp, cg in ok.groupby("hp", sort=False):
+                rep = cg.sort_values(["_seed", "trial_key"], kind="mergesort").iloc[0]
+                cands.append({"hp": hp, "val_mean": float(cg["val"].mean()), "trial_key": rep["trial_key"],
+                              "run_id": rep["run_id"], "rep": rep})
+            best = min(cands, key=_rank_key)
+            rep = best["rep"]
+            row.update(status="selected", run_id=rep["run_id"], trial_key=rep["trial_key"], val=best["val_mean"],
+                       lr=float(rep["lr"]), wd=float(rep["wd"]), l2=float(rep["l2"]))
+        else:
+            statuses = ", ".join(f"{s} {n}" for s, n in g["status"].value_counts().sort_index().items()) or "no runs"
+            log.warning("no finished %s run for %s / %s / %s (%s): the cell is missing", stage, *cell, statuses)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=SELECTION_COLUMNS)
+
+
+def final_trials(selection: pd.DataFrame, grid_trials: Sequence[TrialSpec]) -> list[TrialSpec]:
+    """The final-stage trials: each selected grid configuration (every seed of it that the grid has)
+    with ``stage="final"``, in the grid's order. Missing cells get no final trial."""
+    _check_columns(selection, ["model", "dataset", "regime", "status", "trial_key"], "selection")
+    by_key = {t.key: t for t in grid_trials}
+    chosen: dict[Cell, dict[str, float]] = {}
+    for row in selection.itertuples(index=False):
+        if row.status != "selected":
+            continue
+        t = by_key.get(row.trial_key)
+        if t is None:
+            raise ValueError(
+                f"selection chose trial {row.trial_key} for {row.model} / {row.dataset} / {row.regime}, "
+                "but that trial is not in the sweep's grid (was the sweep file changed since the grid ran?); "
+                "select with select_best(runs, trials=grid_trials) to consider only the current grid")
+        chosen[t.group] = dict(t.hparams)
+    out: list[TrialSpec] = []
+    seen: set[str] = set()
+    for t in grid_trials:
+        if chosen.get(t.group) == dict(t.hparams):
+            f = replace(t, stage="final")
+            if f.key not in seen:
+                seen.add(f.key)
+                out.append(f)
+    return out
+
+
+def _hp_match(runs: pd.DataFrame, sel: pd.Series) -> np.ndarray:
+    """Rows of ``runs`` whose (lr, wd, l2) equal the selection's (NaN matches NaN)."""
+    ok = np.ones(len(runs), dtype=bool)
+    for c in HPARAM_COLUMNS:
+        a = pd.to_numeric(runs[c], errors="coerce").to_numpy(dtype=float)
+        b = float(sel[c]) if sel[c] is not None else math.nan
+        ok &= (np.isnan(a) & np.isnan(b)) | np.isclose(a, b, rtol=1e-9, atol=0.0)
+    return ok
+
+
+def results_table(final_runs: pd.DataFrame, selection: pd.DataFrame) -> pd.DataFrame:
+    """The results table (one row per selection cell): ``value`` is the test metric of the final run
+    at the selected configuration (mean over its seeds). Cells without a selection or without a
+    finished final run are kept with ``value`` NaN and ``status`` ``no_selection`` / ``no_final``."""
+    _check_columns(final_runs, ["run_id", "model", "dataset", "regime", "status", "test"], "final runs table")
+    _check_columns(selection, SELECTION_COLUMNS[:10], "selection")
+    fr = _with_optional(final_runs)
+    if "stage" in fr.columns:
+        fr = fr[fr["stage"] == "final"]
+    groups = {cell: g for cell, g in fr.groupby(CELL_COLUMNS, sort=False)}
+    rows = []
+    for _, sel in selection.iterrows():
+        cell = (sel["model"], sel["dataset"], sel["regime"])
+        row: dict[str, Any] = {**dict(zip(CELL_COLUMNS, cell)), "source_top1": sel.get("source_top1", math.nan),
+                               "metric": sel.get("metric"), "value": math.nan, "lr": sel["lr"], "wd": sel["wd"],
+                               "l2": sel["l2"], "run_id": None, "val": sel["val"], "status": "no_selection",
+                               "n_seeds": 0, "note": "no finished grid trial"}
+        if sel["status"] == "selected":
+            g = groups.get(cell, fr.iloc[0:0])
+            g = g[_hp_match(g, sel)]
+            ok = g[(g["status"] == "finished") & np.isfinite(pd.to_numeric(g["test"], errors="coerce"))]
+            if ok.empty:
+                seen = ", ".join(f"{s} {n}" for s, n in g["status"].value_counts().sort_index().items())
+                row.update(status="no_final", note=f"final run: {seen}" if seen else "no final run")
+            else:
+                ok = ok.assign(_t=_time_key(ok["start_time"]),
+                               _seed=pd.to_numeric(ok["seed"], errors="coerce").fillna(0))
+                ok = ok.sort_values(["_seed", "_t"], kind="mergesort").drop_duplicates("_seed", keep="last")
+                src = _first_finite(ok["source_top1"])
+                metric = next((m for m in ok["metric"] if isinstance(m, str) and m), row["metric"])
+                row.update(value=float(pd.to_numeric(ok["test"]).mean()), run_id=ok["run_id"].iloc[0],
+                           status="finished", n_seeds=len(ok), note="", metric=metric,
+                           source_top1=src if math.isfinite(src) else row["source_top1"])
+        rows.append(row)
+    return pd.DataFrame(rows, columns=RESULTS_COLUMNS)
