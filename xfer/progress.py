@@ -69,6 +69,12 @@ def _headline(metrics: dict[str, Any]) -> tuple[str, float | None]:
     return "", None
 
 
+def _trial_dict(trial) -> dict[str, Any]:
+    from xfer.spec import TrialSpec
+
+    return TrialSpec.from_config(trial.config).to_dict()
+
+
 class ProgressCallback(Callback):
     """Prints StageProgress lines from the Tune driver."""
 
@@ -91,14 +97,14 @@ class ProgressCallback(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if result.get("xfer_final") and trial.trial_id not in self._finished:
             self._finished.add(trial.trial_id)
-            self._print(self.progress.finish(trial.trial_id, trial.config["trial"], result.get("status", "failed"),
+            self._print(self.progress.finish(trial.trial_id, _trial_dict(trial), result.get("status", "failed"),
                                              result))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         if trial.trial_id not in self._finished:
             self._finished.add(trial.trial_id)
             err = str(trial.error_file or "worker error")
-            self._print(self.progress.finish(trial.trial_id, trial.config["trial"], "failed", {"message": err}))
+            self._print(self.progress.finish(trial.trial_id, _trial_dict(trial), "failed", {"message": err}))
 
     def on_step_end(self, iteration, trials, **info):
         now = time.monotonic()

@@ -182,7 +182,7 @@ def run_stage(stage: str, trials: Sequence[TrialSpec], *, spec: SweepSpec, paths
         tune.with_parameters(_trainable, storage=str(paths.storage), data_root=str(paths.data_root),
                              download=spec.download),
         _resources(spec))
-    callbacks = [tracking.TrackingCallback(tracker),
+    callbacks = [tracker.callback(),
                  ProgressCallback(stage, len(todo), stream=out, quiet=quiet)]
     if restoring:
         print(f"{stage}: resuming the Tune experiment at {exp_path}", file=out, flush=True)
