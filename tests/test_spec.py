@@ -110,18 +110,25 @@ def test_expansion_counts_and_stable_keys():
     assert len({t.key for t in trials}) == len(trials)
 
 
-@pytest.mark.parametrize("change", [
-    dict(models__0__input_size=48),
-    dict(models__0__arch="test_resnet"),
-    dict(regimes__finetune__steps=11),
-    dict(regimes__finetune__batch_size=8),
-    dict(seeds=[1]),
-    dict(datasets=[{"name": "synthetic_near"}]),
+@pytest.mark.parametrize("change,regimes", [
+    (dict(models__0__input_size=48), {"linear_probe", "finetune"}),
+    (dict(models__0__arch="test_resnet"), {"linear_probe", "finetune"}),
+    (dict(regimes__finetune__steps=11), {"finetune"}),
+    (dict(regimes__finetune__batch_size=8), {"finetune"}),
+    (dict(regimes__linear_probe__max_iter=7), {"linear_probe"}),
+    (dict(seeds=[1]), {"linear_probe", "finetune"}),
+    (dict(datasets=[{"name": "synthetic_near"}]), {"linear_probe", "finetune"}),
 ])
-def test_any_result_changing_field_changes_the_key(change):
-    base = {t.group + (json.dumps(dict(t.hparams)),): t.key for t in parse_spec(copy.deepcopy(BASE)).grid_trials()}
-    changed = [t.key for t in parse_spec(spec_with(**change)).grid_trials()]
-    assert not set(changed) & set(base.values())
+def test_any_result_changing_field_changes_the_key(change, regimes):
+    def keys(raw):
+        return {r: {t.key for t in parse_spec(raw).grid_trials() if t.regime == r} for r in ("linear_probe", "finetune")}
+
+    base, changed = keys(copy.deepcopy(BASE)), keys(spec_with(**change))
+    for r in ("linear_probe", "finetune"):
+        if r in regimes:
+            assert not base[r] & changed[r], r
+        else:
+            assert base[r] == changed[r], r  # a change to one regime leaves the others' keys alone
 
 
 def test_tracking_and_resources_do_not_change_keys():
@@ -181,3 +188,15 @@ def test_cli_plan_json_and_bad_spec_exit_cleanly(tmp_path):
     r = _xfer("plan", str(bad))
     assert r.returncode == 2
     assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr and "cifar10" in r.stderr
+
+
+def test_yaml_exponent_strings_are_numbers():
+    """PyYAML reads `1e-4` as a string (YAML 1.1); a researcher writes it anyway."""
+    raw = copy.deepcopy(BASE)
+    raw["regimes"]["linear_probe"]["grid"]["l2"] = ["1e-3", {"logspace": ["1e-2", "1.0e5", 2]}]
+    spec = parse_spec(raw)
+    lp = next(r for r in spec.regimes if r.name == "linear_probe")
+    assert lp.grid["l2"] == pytest.approx([1e-3, 1e-2, 1e5])
+    with pytest.raises(SpecError, match="expected a number"):
+        raw["regimes"]["linear_probe"]["grid"]["l2"] = ["small"]
+        parse_spec(raw)

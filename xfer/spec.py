@@ -210,6 +210,17 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _yaml_number(v: Any) -> Any:
+    """PyYAML (YAML 1.1) reads ``1e-4`` and ``1.0e5`` as strings; accept such strings as numbers."""
+    if isinstance(v, str):
+        try:
+            f = float(v)
+        except ValueError:
+            return v
+        return f if math.isfinite(f) else v
+    return v
+
+
 def _expand_values(raw: Any, path: str) -> list[float]:
     """A grid axis: a number, a list of numbers, or {logspace: [start, stop, num]} (endpoints are
     values, not exponents), or a list mixing numbers and logspace blocks (e.g. ``[0, {logspace: …}]``)."""
@@ -217,10 +228,11 @@ def _expand_values(raw: Any, path: str) -> list[float]:
     out: list[float] = []
     for i, item in enumerate(items):
         ipath = f"{path}[{i}]" if isinstance(raw, list) else path
+        item = _yaml_number(item)
         if _is_number(item):
             out.append(float(item))
         elif isinstance(item, Mapping) and set(item) == {"logspace"}:
-            ls = item["logspace"]
+            ls = [_yaml_number(x) for x in item["logspace"]] if isinstance(item["logspace"], list) else item["logspace"]
             _expect(isinstance(ls, list) and len(ls) == 3 and all(_is_number(x) for x in ls),
                     ipath, f"logspace takes [start, stop, num], got {ls!r}")
             a, b, n = ls
@@ -265,6 +277,8 @@ def _check_options(raw: Mapping[str, Any], defaults: Mapping[str, Any], path: st
     out = dict(defaults)
     for k, v in raw.items():
         d = defaults[k]
+        if isinstance(d, float):
+            v = _yaml_number(v)
         _expect(_same_kind(v, d), f"{path}.{k}", f"expected {_type_name(d)}, got {v!r}")
         out[k] = int(v) if isinstance(d, int) and not isinstance(d, bool) else v
     for k in ("steps", "batch_size"):
@@ -343,7 +357,7 @@ def _model(raw: Any, path: str, seeds: list[int]) -> ModelSpec:
         pretrain = PretrainSpec(dataset=ds, options=opts, seed=seed)
     elif raw.get("pretrain") is not None:
         raise SpecError(f"{path}.pretrain: only used with weights: pretrain (weights is {weights!r})")
-    top1 = raw.get("source_top1")
+    top1 = _yaml_number(raw.get("source_top1"))
     if top1 is not None:
         _expect(_is_number(top1) and 0 <= top1 <= 1, f"{path}.source_top1",
                 f"a fraction in [0, 1] (76.1% -> 0.761), got {top1!r}")
