@@ -99,9 +99,8 @@ def _compute_features(trial_dict: dict[str, Any], storage: str, data_root: str, 
 
     trial = TrialSpec.from_dict(trial_dict)
     ctx = RunContext(storage=Path(storage), data_root=Path(data_root), download=download)
-    features.precompute(trial, ctx)
-    for stage in ("final",):  # the final stage reads trainval/test: compute them now, in the same pass
-        features.precompute(replace(trial, stage=stage), ctx)
+    # the grid reads train/val and the final stage trainval/test: all four in one backbone build
+    features.precompute(trial, ctx, stages=("grid", "final"))
     return trial.key
 
 
