@@ -1,0 +1,371 @@
+"""Plain-torch training and evaluation loops shared by the finetune, scratch and pretrain regimes.
+
+The recipe is the paper's (Kornblith et al. 2019; SimCLR App. B.8 follows it): SGD with Nesterov momentum
+0.9, cosine decay of the learning rate to zero over the run (set per step), weight decay given in the
+paper's parameterisation, batch-norm statistics momentum tied to the epoch length.
+
+Determinism and exact resume: the batch of step ``t`` is a function of ``(seed, t)`` only — epoch ``e``
+uses a permutation seeded by ``(seed, e)``, sample ``i`` of step ``t`` is augmented under
+``torch.manual_seed(mix(seed, t, i))`` (set inside the dataset wrapper, so DataLoader workers give the
+same result), and the forward pass of step ``t`` runs under ``torch.manual_seed(mix(seed, t))`` (dropout,
+drop-path). Checkpoints hold model + optimizer + step; nothing else carries state, so a run resumed from
+step ``k`` replays exactly what an uninterrupted run does (bit-identical on CPU).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from xfer.data.transforms import DataConfig, eval_transform, train_transform
+from xfer.regimes.base import Diverged, RunContext
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "train_state.pt"
+
+
+# ------------------------------------------------------------------ recipe pieces (pure)
+def mix(*parts: int | str) -> int:
+    """A 63-bit seed from a tuple (stable across processes, unlike ``hash``)."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def cosine_lr(base_lr: float, step: int, total_steps: int) -> float:
+    """Learning rate of step ``step`` (0-based): ``base_lr · ½(1 + cos(π·step/total))`` — base_lr at
+    the start, base_lr/2 half-way, 0 at ``total_steps``."""
+    if total_steps <= 0:
+        return base_lr
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+
+def torch_weight_decay(wd: float, lr: float, wd_over_lr: bool) -> float:
+    """The ``weight_decay`` handed to torch's SGD.
+
+    The paper's grid gives weight decay *divided by the learning rate* (Kornblith et al. 2019,
+    SimCLR B.8): torch's SGD multiplies its weight_decay by the learning rate in the update
+    (``p -= lr_t·(g + weight_decay·p)``), so ``weight_decay = wd / lr`` makes the per-step shrinkage
+    ``wd · lr_t / lr``: ``wd`` at the start, following the cosine schedule after, and independent of
+    the base learning rate — each wd value in the grid means the same at every lr, so the two axes stay
+    separable. With ``wd_over_lr`` false, ``wd`` is torch's own weight_decay."""
+    if wd < 0 or lr <= 0:
+        raise ValueError(f"need wd >= 0 and lr > 0, got wd={wd}, lr={lr}")
+    return wd / lr if wd_over_lr else wd
+
+
+def bn_momentum(steps_per_epoch: int) -> float:
+    """torch BatchNorm momentum for the paper's rule: TF decay ``max(1 − 10/s, 0.9)`` with ``s`` steps
+    per epoch, i.e. torch momentum (= 1 − decay) ``min(10/s, 0.1)``: statistics average over ~s/10 steps,
+    a tenth of an epoch, but never fewer than 10."""
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    return min(10.0 / steps_per_epoch, 0.1)
+
+
+def set_bn_momentum(model: nn.Module, momentum: float) -> int:
+    """Set every batch-norm layer's momentum; returns how many were set."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = momentum
+            n += 1
+    return n
+
+
+def make_optimizer(model: nn.Module, *, lr: float, wd: float, momentum: float = 0.9,
+                   wd_over_lr: bool = True) -> torch.optim.SGD:
+    """SGD + Nesterov. Weight decay applies to weight tensors (conv / linear kernels), not to biases or
+    normalisation parameters — as the TF-slim L2 regularisers of the paper's models did."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    rest = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": torch_weight_decay(wd, lr, wd_over_lr)},
+              {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.SGD([g for g in groups if g["params"]], lr=lr, momentum=momentum, nesterov=momentum > 0)
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return max(1, n // batch_size)
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """Indices of step ``step``'s batch: slice ``step mod s`` of epoch ``step // s``'s permutation
+    (the last partial batch of an epoch is dropped, so every batch has the same size)."""
+    s = steps_per_epoch(n, batch_size)
+    epoch, j = divmod(step, s)
+    perm = _permutation(n, seed, epoch)
+    return perm[j * batch_size:(j + 1) * batch_size]
+
+
+def _permutation(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(mix(seed, "epoch", epoch))
+    return torch.randperm(n, generator=g).tolist()
+
+
+# ------------------------------------------------------------------ data plumbing
+class _StepBatches(Sampler[list[tuple[int, int, int]]]):
+    """Batches for steps ``start .. stop-1`` as lists of (step, position, index) keys."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int) -> None:
+        self.n, self.batch_size, self.seed, self.start, self.stop = n, batch_size, seed, start, stop
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        s = steps_per_epoch(self.n, self.batch_size)
+        cached: tuple[int, list[int]] | None = None
+        for t in range(self.start, self.stop):
+            epoch, j = divmod(t, s)
+            if cached is None or cached[0] != epoch:
+                cached = (epoch, _permutation(self.n, self.seed, epoch))
+            idx = cached[1][j * self.batch_size:(j + 1) * self.batch_size]
+            yield [(t, i, k) for i, k in enumerate(idx)]
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+class _SeededAugment(Dataset):
+    """Applies the training transform to item ``index`` under a seed fixed by (seed, step, position)."""
+
+    def __init__(self, base: Dataset, transform: Callable, seed: int) -> None:
+        self.base, self.transform, self.seed = base, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, Any]:
+        step, pos, index = key
+        image, target = self.base[index]
+        torch.manual_seed(mix(self.seed, "aug", step, pos))
+        return self.transform(image), target
+
+
+class _Transformed(Dataset):
+    def __init__(self, base: Dataset, transform: Callable) -> None:
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
+        image, target = self.base[index]
+        return self.transform(image), target
+
+
+def _autocast(device: str):
+    """bf16 autocast on CUDA only (CPU runs stay fp32, so they are exact and reproducible)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+
+
+def loss_fn(multilabel: bool, label_smoothing: float = 0.0) -> nn.Module:
+    """BCE-with-logits for multi-label targets (one binary problem per class), else cross-entropy."""
+    if multilabel:
+        return nn.BCEWithLogitsLoss()
+    return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+
+# ------------------------------------------------------------------ checkpoints
+def _save_atomic(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def checkpoint_path(ctx: RunContext) -> Path | None:
+    return Path(ctx.work_dir) / CHECKPOINT_NAME if ctx.work_dir is not None else None
+
+
+def clear_checkpoint(ctx: RunContext) -> None:
+    """Remove the periodic checkpoint once a trial's result is final (it can be large)."""
+    path = checkpoint_path(ctx)
+    if path is not None and path.exists():
+        path.unlink()
+
+
+def _try_resume(path: Path | None, run_id: str, model: nn.Module, opt: torch.optim.Optimizer,
+                device: str) -> tuple[int, float, tuple[float, int]]:
+    fresh = (0, float("nan"), (0.0, 0))
+    if path is None or not path.is_file():
+        return fresh
+    state = torch.load(path, map_location=device, weights_only=False)
+    if state.get("run_id") != run_id:
+        log.warning("ignoring checkpoint %s: it belongs to another run (%s, not %s)", path, state.get("run_id"), run_id)
+        return fresh
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    log.info("resumed %s at step %d", run_id, state["step"])
+    total, count = state.get("window", (0.0, 0))
+    return int(state["step"]), float(state.get("last_loss", float("nan"))), (float(total), int(count))
+
+
+# ------------------------------------------------------------------ training
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. ``wd`` is in the paper's parameterisation when ``wd_over_lr`` (see
+    ``torch_weight_decay``). ``checkpoint_every``/``log_every``/``eval_every`` of 0 switch that off
+    (an ``eval_every`` of 0 leaves evaluation to the caller, after training)."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    wd: float = 0.0
+    wd_over_lr: bool = True
+    momentum: float = 0.9
+    label_smoothing: float = 0.0
+    checkpoint_every: int = 1000
+    log_every: int = 50
+    eval_every: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        for name in ("checkpoint_every", "log_every", "eval_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an integer >= 0 (0 = off), got {v!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if not (self.wd >= 0 and math.isfinite(self.wd)):
+            raise ValueError(f"wd must be a finite number >= 0, got {self.wd!r}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+
+
+@dataclass
+class TrainOutcome:
+    steps_done: int
+    last_loss: float  # mean training loss over the last logging window (or the last step)
+    resumed_from: int = 0
+
+
+def train(model: nn.Module, split: Dataset, data_config: DataConfig, cfg: TrainConfig, ctx: RunContext, *,
+          multilabel: bool = False, run_id: str = "",
+          periodic_eval: Callable[[nn.Module], dict[str, float]] | None = None) -> TrainOutcome:
+    """Train ``model`` in place on ``split`` (items ``(image, target)``) with the paper's recipe.
+
+    Reports ``train_loss`` every ``log_every`` steps and ``periodic_eval(model)`` every ``eval_every``
+    steps through ``ctx.report(step, metrics)`` (step = steps done). Writes a checkpoint to
+    ``ctx.work_dir`` every ``checkpoint_every`` steps and at the end, and resumes from one written for
+    the same ``run_id``. Raises ``Diverged`` when the loss stops being finite."""
+    device = ctx.resolved_device()
+    n = len(split)  # type: ignore[arg-type]
+    if n == 0:
+        raise ValueError("the training split is empty")
+    if cfg.batch_size > n:
+        log.warning("batch_size %d > %d training examples: every batch is the whole split", cfg.batch_size, n)
+    spe = steps_per_epoch(n, cfg.batch_size)
+    set_bn_momentum(model, bn_momentum(spe))
+    model.to(device)
+    opt = make_optimizer(model, lr=cfg.lr, wd=cfg.wd, momentum=cfg.momentum, wd_over_lr=cfg.wd_over_lr)
+    ckpt = checkpoint_path(ctx)
+    start, last_loss, (window_total, window_n) = _try_resume(ckpt, run_id, model, opt, device)
+    criterion = loss_fn(multilabel, cfg.label_smoothing)
+    if start >= cfg.steps:
+        return TrainOutcome(start, last_loss, resumed_from=start)
+
+    loader = DataLoader(_SeededAugment(split, train_transform(data_config), cfg.seed),
+                        batch_sampler=_StepBatches(n, cfg.batch_size, cfg.seed, start, cfg.steps),
+                        num_workers=ctx.num_workers, pin_memory=device.startswith("cuda"))
+    window_sum = torch.full((), window_total, dtype=torch.float32, device=device)
+    devices = [torch.cuda.current_device()] if device.startswith("cuda") else []
+    with torch.random.fork_rng(devices=devices):  # leave the caller's RNG as it was
+        model.train()
+        for t, (x, y) in enumerate(loader, start=start):
+            x = x.to(device, non_blocking=True)
+            y = (y.float() if multilabel else y.long()).to(device, non_blocking=True)
+            lr_t = cosine_lr(cfg.lr, t, cfg.steps)
+            for g in opt.param_groups:
+                g["lr"] = lr_t
+            torch.manual_seed(mix(cfg.seed, "step", t))
+            with _autocast(device):
+                loss = criterion(model(x).float(), y)
+            if not torch.isfinite(loss):
+                raise Diverged(f"loss became {loss.item()} at step {t} (lr {cfg.lr:g})")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            window_sum += loss.detach()
+            window_n += 1
+            done = t + 1
+            final = done == cfg.steps
+            log_now = bool(cfg.log_every) and done % cfg.log_every == 0
+            if log_now or final:
+                last_loss = float(window_sum) / window_n
+                window_sum.zero_()
+                window_n = 0
+            if ckpt is not None and (final or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
+                # the partial loss window travels too, so a resumed run reports the same losses
+                _save_atomic({"run_id": run_id, "step": done, "model": model.state_dict(),
+                              "optimizer": opt.state_dict(), "last_loss": last_loss,
+                              "window": (float(window_sum), window_n)}, ckpt)
+            if cfg.log_every and (log_now or final):
+                ctx.report(done, {"train_loss": last_loss})
+            if periodic_eval is not None and cfg.eval_every and done % cfg.eval_every == 0 and not final:
+                ctx.report(done, periodic_eval(model))
+                model.train()
+    return TrainOutcome(cfg.steps, last_loss, resumed_from=start)
+
+
+# ------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def predict(model: nn.Module, split: Dataset, data_config: DataConfig, *, device: str = "cpu",
+            batch_size: int = 256, num_workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Scores [N, C] (float32 logits) and targets ([N] ints or [N, C] multi-hot) over ``split``,
+    preprocessed with the deterministic ``eval_transform`` (BN in eval mode)."""
+    was_training = model.training
+    model.eval().to(device)
+    loader = DataLoader(_Transformed(split, eval_transform(data_config)), batch_size=batch_size,
+                        shuffle=False, num_workers=num_workers, pin_memory=device.startswith("cuda"))
+    scores: list[np.ndarray] = []
+    targets: list[np.ndarray] = []
+    for x, y in loader:
+        with _autocast(device):
+            out = model(x.to(device, non_blocking=True))
+        scores.append(out.float().cpu().numpy())
+        targets.append(np.asarray(y))
+    model.train(was_training)
+    if not scores:
+        raise ValueError("the evaluation split is empty")
+    return np.concatenate(scores), np.concatenate(targets)
+
+
+def evaluate(model: nn.Module, split: Dataset, data_config: DataConfig, metric: str, *, device: str = "cpu",
+             batch_size: int = 256, num_workers: int = 0) -> tuple[float, np.ndarray, np.ndarray]:
+    """``(metric value, scores, targets)`` of ``model`` on ``split`` (metric from ``xfer.metrics``)."""
+    from xfer.metrics import compute_metric
+
+    scores, targets = predict(model, split, data_config, device=device, batch_size=batch_size,
+                              num_workers=num_workers)
+    return compute_metric(metric, scores, targets), scores, targets
+
+
+def merge_options(defaults: dict[str, Any], given: dict[str, Any], regime: str) -> dict[str, Any]:
+    """A regime's option defaults overlaid with a trial's options; unknown names are errors."""
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown option(s) for regime {regime!r}: {', '.join(unknown)}; "
+                         f"valid: {', '.join(sorted(defaults))}")
+    return {**defaults, **given}
+
+
+def require_hparams(hparams: dict[str, float], axes: Sequence[str], regime: str) -> dict[str, float]:
+    missing = [a for a in axes if a not in hparams]
+    if missing:
+        raise ValueError(f"regime {regime!r} needs hyper-parameter(s) {', '.join(missing)} "
+                         f"(its grid axes: {', '.join(axes)}); got {dict(hparams)}")
+    return {a: float(hparams[a]) for a in axes}
