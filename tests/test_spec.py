@@ -131,10 +131,12 @@ def test_any_result_changing_field_changes_the_key(change, regimes):
             assert base[r] == changed[r], r  # a change to one regime leaves the others' keys alone
 
 
-def test_tracking_and_resources_do_not_change_keys():
+def test_tracking_resources_and_logging_do_not_change_keys():
     a = [t.key for t in parse_spec(copy.deepcopy(BASE)).grid_trials()]
     b = [t.key for t in parse_spec(spec_with(tracking_uri="http://x", storage="/elsewhere",
-                                             resources={"finetune": {"cpu": 4, "gpu": 0.5}})).grid_trials()]
+                                             resources={"finetune": {"cpu": 4, "gpu": 0.5}},
+                                             regimes__finetune__log_every=1,
+                                             regimes__finetune__checkpoint_every=2)).grid_trials()]
     assert a == b
 
 

@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 PROTOCOL_VERSION = "1"
+# regime options that change how a trial is observed, not its result: kept out of trial keys so that
+# logging more often never re-runs a finished study
+NON_RESULT_OPTIONS = frozenset({"checkpoint_every", "log_every", "eval_every"})
 WEIGHT_SOURCES = ("hub", "random", "pretrain", "file")
 
 
@@ -131,7 +134,8 @@ class TrialSpec:
     def key(self) -> str:
         return stable_hash({
             "model": self.model.key_fields(), "dataset": self.dataset.key_fields(),
-            "regime": self.regime, "hparams": dict(self.hparams), "options": dict(self.options),
+            "regime": self.regime, "hparams": dict(self.hparams),
+            "options": {k: v for k, v in self.options.items() if k not in NON_RESULT_OPTIONS},
             "seed": self.seed, "stage": self.stage, "protocol": PROTOCOL_VERSION,
         })
 
