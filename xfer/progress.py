@@ -40,7 +40,7 @@ class StageProgress:
         elif status == "diverged":
             self.diverged += 1
         cell = (cfg["model"]["name"], cfg["dataset"].get("label") or cfg["dataset"]["name"], cfg["regime"])
-        name, value = _headline(metrics)
+        name, value = _headline(metrics, cfg.get("stage", "grid"))
         if status == "finished" and value is not None:
             if cell not in self.best or value > self.best[cell][0]:
                 self.best[cell] = (value, name, _fmt_hparams(cfg["hparams"]))
@@ -61,8 +61,10 @@ class StageProgress:
         return rows
 
 
-def _headline(metrics: dict[str, Any]) -> tuple[str, float | None]:
-    for prefix in ("val_", "test_", "source_"):
+def _headline(metrics: dict[str, Any], stage: str) -> tuple[str, float | None]:
+    """The number a person wants to see for a trial of this stage."""
+    prefixes = {"grid": ("val_",), "final": ("test_",), "pretrain": ("source_top1",)}.get(stage, ("val_", "test_"))
+    for prefix in prefixes:
         for k, v in metrics.items():
             if k.startswith(prefix) and isinstance(v, (int, float)):
                 return k, float(v)

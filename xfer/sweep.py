@@ -37,7 +37,8 @@ class SweepPaths:
         return self.storage / "ray"
 
     def predictions(self, key: str) -> Path:
-        return self.storage / "predictions" / f"{key}.npz"
+        # one folder per key: the file keeps the name the tracking schema gives it (predictions.npz)
+        return self.storage / "predictions" / key / "predictions.npz"
 
     def work_dir(self, key: str) -> Path:
         return self.storage / "trials" / key
@@ -156,6 +157,14 @@ def _trial_dirname(trial) -> str:
     return f"{t['regime']}-{TrialSpec.from_config(trial.config).key}"
 
 
+def _quiet_ray_tune() -> None:
+    """Our ProgressCallback is the live view: turn off Tune's own tables and banners (the new output
+    engine prints a configuration box even at verbose=0)."""
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    for name in ("ray.tune", "ray.train"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def run_stage(stage: str, trials: Sequence[TrialSpec], *, spec: SweepSpec, paths: SweepPaths, tracker,
               resume: bool = False, max_concurrent: int | None = None, quiet: bool = False,
               stream: IO[str] | None = None, rerun: set[str] = frozenset()) -> StageOutcome:
@@ -166,6 +175,7 @@ def run_stage(stage: str, trials: Sequence[TrialSpec], *, spec: SweepSpec, paths
     from xfer import tracking
     from xfer.progress import ProgressCallback
 
+    _quiet_ray_tune()
     out = stream or sys.stdout
     t0 = time.perf_counter()
     done = tracking.finished_keys(tracker.uri, tracker.experiment_name, stage)
