@@ -292,7 +292,7 @@ def explain_api_error(e: Any, namespace: str, name: str) -> str:
                     f"or pass --namespace")
         return (f"this cluster has no {PLURAL}.{GROUP}/{VERSION} resource: the KubeRay operator and its CRDs "
                 "are not installed (helm install kuberay-operator kuberay/kuberay-operator; see "
-                f"docs/kubernetes.md). API server said: {message or 'not found'}")
+                f"README.md, 'Run on Kubernetes'). API server said: {message or 'not found'}")
     if status == 409:
         return (f"a RayJob named {name!r} already exists in namespace {namespace!r}: delete it "
                 f"(kubectl -n {namespace} delete rayjob {name}) or pass --name")
