@@ -96,6 +96,22 @@ def test_sweep_tracks_every_trial_once_and_reruns_add_nothing(tmp_path, ray_loca
         assert not any(k.startswith("val_") for k in r.data.metrics)
     assert "to run" in log and "mlflow ui" in log
     assert result.report and Path(result.report["files"]["report_html"]).exists()
+    assert "headline finetune" in log
+
+    # `xfer report --experiment` rebuilds the same results from MLflow alone (no spec, no training)
+    import argparse
+
+    import pandas as pd
+
+    from xfer.final import report_cli
+
+    regen = tmp_path / "regen"
+    rc = report_cli(argparse.Namespace(experiment="tiny", from_csv=None, tracking_uri=uri, out=str(regen)))
+    assert rc == 0 and (regen / "report.html").exists()
+    cols = ["model", "dataset", "regime", "value", "source_top1"]
+    a = pd.read_csv(result.report["files"]["results_csv"])[cols].sort_values(cols[:3]).reset_index(drop=True)
+    b = pd.read_csv(regen / "results.csv")[cols].sort_values(cols[:3]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b)
 
     # the same command again: nothing new, and it says so
     out2 = io.StringIO()
@@ -148,3 +164,20 @@ def test_interrupted_sweep_resumes_to_exactly_one_run_per_key(tmp_path):
     keys = [x.data.tags["xfer.trial_key"] for x in after]
     assert len(keys) == len(set(keys)) == 1 + 4 * 2
     assert all(x.data.tags["xfer.status"] == "finished" for x in after)
+
+
+def test_optuna_search_samples_grid_points_per_cell(tmp_path, ray_local):
+    from xfer.sweep import run_sweep
+
+    raw = {**TINY, "models": TINY["models"][1:], "final": {"enabled": False},
+           "search": {"type": "optuna", "num_samples": 3, "seed": 0},
+           "regimes": {"linear_probe": {"grid": {"l2": [1e-4, 1e-3, 1e-2, 1e-1, 1.0]}}}}
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    out = io.StringIO()
+    run_sweep(load_spec(write_spec(tmp_path, raw)), tracking_uri=uri, stream=out)
+    _, children = child_runs(uri, "tiny")
+    values = [float(r.data.params["l2"]) for r in children]
+    assert 1 <= len(children) <= 3, out.getvalue()  # TPE may sample a point twice: one run per key
+    assert set(values) <= {1e-4, 1e-3, 1e-2, 1e-1, 1.0}
+    assert len({r.data.tags["xfer.trial_key"] for r in children}) == len(children)
+    assert "optuna, 3 per cell" in out.getvalue()

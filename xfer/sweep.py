@@ -74,8 +74,11 @@ def execute_trial(trial: TrialSpec, paths: SweepPaths, *, download: bool, report
             top1 = None
         if top1 is not None:
             metrics["source_top1"] = float(top1)
+    objective = metrics.get(f"val_{result.metric}") if result.status == "finished" else None
     return {"xfer_final": True, "xfer_step": int(result.steps_done), "status": result.status,
-            "message": result.message, "metric": result.metric, "artifacts": artifacts, **metrics}
+            "message": result.message, "metric": result.metric, "artifacts": artifacts,
+            # what a searcher (Optuna) maximises; a diverged or failed trial is the worst outcome
+            "xfer_objective": float(objective) if objective is not None else 0.0, **metrics}
 
 
 def _trainable(config: dict[str, Any], *, storage: str, data_root: str, download: bool) -> None:
@@ -88,8 +91,12 @@ def _trainable(config: dict[str, Any], *, storage: str, data_root: str, download
     trial = TrialSpec.from_config(config)
     paths = SweepPaths(Path(storage), Path(data_root))
 
+    latest = {"xfer_objective": 0.0}  # searchers read an objective from every report, not just the last
+
     def report(step: int, metrics: dict[str, float]) -> None:
-        tune.report({"xfer_step": int(step), **{k: float(v) for k, v in metrics.items()}})
+        values = {k: float(v) for k, v in metrics.items()}
+        latest.update({"xfer_objective": v for k, v in values.items() if k.startswith("val_")})
+        tune.report({"xfer_step": int(step), **values, **latest})
 
     tune.report(execute_trial(trial, paths, download=download, report=report))
 
@@ -165,6 +172,49 @@ def _quiet_ray_tune() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def _tune_parts(spec: SweepSpec, paths: SweepPaths):
+    from ray import tune
+
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, storage=str(paths.storage), data_root=str(paths.data_root),
+                             download=spec.download),
+        _resources(spec))
+    return trainable
+
+
+def _tune_config(spec: SweepSpec, max_concurrent: int | None, **kw):
+    from ray import tune
+
+    # reuse_actors: a trial process (torch, timm, cached datasets already loaded) serves the next trial
+    # with the same resources — on small trials this is most of the wall time (benchmarks/)
+    return tune.TuneConfig(max_concurrent_trials=max_concurrent or spec.max_concurrent, reuse_actors=True,
+                           trial_dirname_creator=_trial_dirname, trial_name_creator=_trial_dirname, **kw)
+
+
+def _run_config(name: str, paths: SweepPaths, callbacks: list):
+    from ray import tune
+
+    return tune.RunConfig(name=name, storage_path=str(paths.ray), callbacks=callbacks, verbose=0,
+                          failure_config=tune.FailureConfig(max_failures=1))  # a dead worker: one retry
+
+
+def _fit(tuner, stage: str, spec: SweepSpec) -> dict[str, int]:
+    """Run a Tuner; count trial statuses; a trial without its final report means Tune was interrupted."""
+    statuses: dict[str, int] = {}
+    unfinished = 0
+    for r in tuner.fit():
+        metrics = r.metrics or {}
+        if not metrics.get("xfer_final") and r.error is None:
+            unfinished += 1  # stopped before its final report: Tune was interrupted (Ctrl-C / SIGINT)
+            continue
+        s = metrics.get("status", "failed")
+        statuses[s] = statuses.get(s, 0) + 1
+    if unfinished:
+        raise SweepInterrupted(f"{stage}: interrupted with {unfinished} trial(s) unfinished; "
+                               f"continue with `xfer sweep {spec.path or 'SPEC'} --resume`")
+    return statuses
+
+
 def run_stage(stage: str, trials: Sequence[TrialSpec], *, spec: SweepSpec, paths: SweepPaths, tracker,
               resume: bool = False, max_concurrent: int | None = None, quiet: bool = False,
               stream: IO[str] | None = None, rerun: set[str] = frozenset()) -> StageOutcome:
@@ -187,12 +237,8 @@ def run_stage(stage: str, trials: Sequence[TrialSpec], *, spec: SweepSpec, paths
     if not todo and not restoring:
         return StageOutcome(stage, len(trials), len(trials), 0, time.perf_counter() - t0)
 
-    trainable = tune.with_resources(
-        tune.with_parameters(_trainable, storage=str(paths.storage), data_root=str(paths.data_root),
-                             download=spec.download),
-        _resources(spec))
-    callbacks = [tracker.callback(),
-                 ProgressCallback(stage, len(todo), stream=out, quiet=quiet)]
+    trainable = _tune_parts(spec, paths)
+    callbacks = [tracker.callback(), ProgressCallback(stage, len(todo), stream=out, quiet=quiet)]
     if restoring:
         print(f"{stage}: resuming the Tune experiment at {exp_path}", file=out, flush=True)
         tuner = tune.Tuner.restore(str(exp_path), trainable, resume_unfinished=True, resume_errored=True)
@@ -200,32 +246,56 @@ def run_stage(stage: str, trials: Sequence[TrialSpec], *, spec: SweepSpec, paths
         # this invocation has its own parent run and progress view. No public setter exists.
         tuner._local_tuner._run_config.callbacks = callbacks  # noqa: SLF001
     else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"trial": tune.grid_search([t.to_dict() for t in todo])},
-            # reuse_actors: a trial process (torch, timm, cached datasets already loaded) serves the next
-            # trial with the same resources — on small trials this is most of the wall time
-            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent or spec.max_concurrent,
-                                        reuse_actors=True,
-                                        trial_dirname_creator=_trial_dirname,
-                                        trial_name_creator=_trial_dirname),
-            run_config=tune.RunConfig(name=exp_name, storage_path=str(paths.ray), callbacks=callbacks,
-                                      verbose=0, failure_config=tune.FailureConfig(max_failures=1)),
-        )
-    grid = tuner.fit()
-    statuses: dict[str, int] = {}
-    unfinished = 0
-    for r in grid:
-        metrics = r.metrics or {}
-        if not metrics.get("xfer_final") and r.error is None:
-            unfinished += 1  # stopped before its final report: Tune was interrupted (Ctrl-C / SIGINT)
-            continue
-        s = metrics.get("status", "failed")
-        statuses[s] = statuses.get(s, 0) + 1
-    if unfinished:
-        raise SweepInterrupted(f"{stage}: interrupted with {unfinished} trial(s) unfinished; "
-                               f"continue with `xfer sweep {spec.path or 'SPEC'} --resume`")
+        tuner = tune.Tuner(trainable, param_space={"trial": tune.grid_search([t.to_dict() for t in todo])},
+                           tune_config=_tune_config(spec, max_concurrent),
+                           run_config=_run_config(exp_name, paths, callbacks))
+    statuses = _fit(tuner, stage, spec)
     return StageOutcome(stage, len(trials), len(trials) - len(todo), len(todo), time.perf_counter() - t0, statuses)
+
+
+def run_search(trials: Sequence[TrialSpec], *, spec: SweepSpec, paths: SweepPaths, tracker,
+               max_concurrent: int | None = None, quiet: bool = False, stream: IO[str] | None = None,
+               resume: bool = False) -> StageOutcome:
+    """``search: {type: optuna, num_samples: N}``: instead of the full grid, Optuna's TPE picks N
+    points of each (model, dataset, regime, seed) cell's grid, one cell after another. Sampled points
+    are grid points, so their trial keys are grid keys: reruns count what a cell already has (and
+    ``resume`` is the same as a rerun here)."""
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from xfer import tracking
+    from xfer.progress import ProgressCallback
+
+    _quiet_ray_tune()
+    out = stream or sys.stdout
+    t0 = time.perf_counter()
+    n, seed = int(spec.search["num_samples"]), int(spec.search.get("seed", 0))
+    done = tracking.finished_keys(tracker.uri, tracker.experiment_name, "grid")
+    cells: dict[tuple, list[TrialSpec]] = {}
+    for t in trials:
+        cells.setdefault(t.group + (t.seed,), []).append(t)
+    todo = {c: max(0, min(n, len(ts)) - sum(t.key in done for t in ts)) for c, ts in cells.items()}
+    total, left = sum(min(n, len(ts)) for ts in cells.values()), sum(todo.values())
+    print(f"grid (optuna, {n} per cell): {total} trials — {total - left} done, {left} to run", file=out, flush=True)
+    statuses: dict[str, int] = {}
+    trainable = _tune_parts(spec, paths)
+    progress = ProgressCallback("grid", left, stream=out, quiet=quiet)
+    for cell, ts in cells.items():
+        if not todo[cell]:
+            continue
+        base = ts[0]
+        space = {"trial": base.to_dict(),
+                 **{axis: tune.choice(sorted({t.hparams[axis] for t in ts})) for axis in base.hparams}}
+        searcher = OptunaSearch(metric="xfer_objective", mode="max", seed=seed)
+        tuner = tune.Tuner(
+            trainable, param_space=space,
+            tune_config=_tune_config(spec, max_concurrent, num_samples=todo[cell],
+                                     search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_concurrent or 2)),
+            run_config=_run_config(f"{spec.name}-optuna-{base.key}", paths, [tracker.callback(), progress]))
+        for k, v in _fit(tuner, "grid", spec).items():
+            statuses[k] = statuses.get(k, 0) + v
+    return StageOutcome("grid", total, total - left, left, time.perf_counter() - t0, statuses)
 
 
 def run_features(trials: Sequence[TrialSpec], *, spec: SweepSpec, paths: SweepPaths,
@@ -306,7 +376,10 @@ def run_sweep(spec: SweepSpec, *, tracking_uri: str | None = None, address: str 
             stages.append(run_stage("pretrain", pre, rerun=missing, **kw))
         grid = spec.grid_trials()
         run_features(grid, spec=spec, paths=paths, stream=out)
-        stages.append(run_stage("grid", grid, **kw))
+        if spec.search["type"] == "optuna":
+            stages.append(run_search(grid, **kw))
+        else:
+            stages.append(run_stage("grid", grid, **kw))
         report = None
         if (spec.final if final is None else final):
             from xfer import final as final_stage

@@ -64,7 +64,8 @@ RESULT_STATUSES = ("finished", "diverged")  # a diverged trial is a result; fail
 MLFLOW_STATUS = {"finished": "FINISHED", "diverged": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
 PROVENANCE_PACKAGES = ("xfer", "torch", "torchvision", "timm", "ray", "mlflow")
 # keys of a trial's final result that are bookkeeping, not metrics
-_FINAL_FIELDS = {"xfer_step", "xfer_final", "status", "message", "metric", "artifacts", "fingerprints"}
+_FINAL_FIELDS = {"xfer_step", "xfer_final", "xfer_objective", "status", "message", "metric", "artifacts",
+                 "fingerprints"}
 
 _MAX_PARAM_LEN = 6000  # MLflow's limits (mlflow.utils.validation)
 _MAX_TAG_LEN = 8000
