@@ -768,6 +768,7 @@ def finished_keys(uri: str, experiment: str, stage: str = "grid") -> set[str]:
 
 def load_predictions(uri: str, run_id: str) -> tuple[np.ndarray, np.ndarray]:
     """``(scores [N, C], targets [N] or [N, C])`` from a final-stage run's ``predictions.npz``."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file spams the report log
     client = _client(uri)
     names = [f.path for f in client.list_artifacts(run_id)]
     if "predictions.npz" not in names:
