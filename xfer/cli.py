@@ -88,8 +88,15 @@ def trial_from_args(args: argparse.Namespace):
                                "--dataset")
     except SpecError as e:
         raise UsageError(str(e)) from None
+    if model.weights == "file" and not Path(model.weights_file).expanduser().is_file():
+        raise UsageError(f"--weights: no such weights file {model.weights_file}; valid: hub, random, "
+                         "or the path of an existing state-dict file")
     flags = {"lr": args.lr, "wd": args.wd, "l2": args.l2, "steps": args.steps, "batch_size": args.batch_size}
     given = {k: v for k, v in flags.items() if v is not None}
+    for flag in ("lr", "wd", "l2"):
+        if flag in given and flag not in regime.axes and flag not in regime.options:
+            raise UsageError(f"--{flag} does not apply to regime {args.regime!r}; its hyper-parameters: "
+                             + (", ".join(f"--{a}" for a in regime.axes) or "none"))
     hparams: dict[str, float] = {}
     for axis in regime.axes:
         if axis not in given:
