@@ -4,25 +4,34 @@ Why this design: transfer is only meaningful if the source task teaches features
 and "distance" should change how reusable they are. So every task in a *world* (``world_seed``) is
 built from one fixed table of visual primitives, split into two disjoint banks:
 
-- the **source bank**: gratings, bars, elliptical blobs and rings in warm/green hues with
+- the **source bank**: gratings, bars, elliptical blobs and rings in red-to-green hues with
   low-to-mid spatial frequencies;
-- the **far bank**: checkerboards, dot lattices, crosses and pinwheels in blue/purple hues with
+- the **far bank**: checkerboards, dot lattices, crosses and pinwheels in cyan-to-purple hues with
   higher frequencies.
 
-A *class* is a fixed composition of ``primitives_per_class`` primitives with a class-specific layout
-(slot offsets, sizes, orientation offsets). A *sample* renders that composition with random
-position / scale / rotation jitter, colour jitter, behind-the-object clutter drawn from the primitives
-the task uses (so the presence of one primitive is not enough: the combination is what names the
-class), a random background gradient and pixel noise.
+A primitive is its kind, frequency, width/aspect, orientation and characteristic hue. A *class* is a
+fixed set of ``primitives_per_class`` primitives. A *sample* draws them on a randomly rotated ring
+around a random centre, at random sizes, with small orientation and hue jitter, over a random
+background gradient, with distractors (``clutter``) drawn from the task's own primitives behind them,
+and pixel noise. Position carries no class information, and a single primitive does not name a class
+(the same primitive is in several classes and shows up as clutter): a model has to learn what the
+primitives look like and which combination is present — features a related task can reuse.
 
 A task at ``distance`` d draws each class primitive from the source bank with probability 1 - d and
 from the far bank with probability d. The source task is d = 0; targets get new compositions (their
-own ``seed``; the presets' targets never reuse a source class composition), so a target is a new task
-whose parts are familiar (d ≈ 0.2) or mostly unfamiliar (d ≈ 0.9).
+own ``seed``; a target never reuses a class of the canonical source task), so a target is a new task
+whose parts are familiar (d = 0.2) or mostly unfamiliar (d = 0.9).
+
+Measured on CPU (timm test_resnet at 32 px, SGD + Nesterov lr 0.1, cosine, batch 128, the paper's
+random-resized-crop + flip; one run each): source test top-1 0.51 after 150 steps, 0.82 after 600,
+0.90 after 2000. Logistic regression on the frozen features of those models (random init / 150 /
+600 steps): ``synthetic_near`` 0.38 / 0.87 / 0.95, ``synthetic_far`` 0.36 / 0.50 / 0.56, ``digits``
+0.87 / 0.84 / 0.80 — near targets gain most from a better source, far ones less, digits not at all.
 
 Images are 32x32 RGB uint8 tensors held in memory, deterministic in the options; generation is
-vectorised numpy (tens of thousands of images per second). Train and test images come from separate
-random streams, so changing ``test_per_class`` never changes the training images.
+vectorised numpy (about 8k images per second on one core: the source task builds in under 2 s).
+Train and test images come from separate random streams, so changing ``test_per_class`` never
+changes the training images.
 """
 from __future__ import annotations
 
@@ -66,13 +75,11 @@ class Primitives:
     freq: np.ndarray  # [2P] cycles per primitive radius (pattern kinds; ring radius)
     shape: np.ndarray  # [2P] width / aspect parameter in (0, 1]
     theta: np.ndarray  # [2P] orientation (radians)
+    hue: np.ndarray  # [2P] characteristic hue, inside the bank's hue range
 
     @property
     def bank_size(self) -> int:
         return len(self.kind) // 2
-
-    def bank(self, ids: np.ndarray) -> np.ndarray:
-        return (ids >= self.bank_size).astype(np.int64)
 
     def name(self, i: int) -> str:
         far = i >= self.bank_size
@@ -88,16 +95,19 @@ def make_primitives(world_seed: int) -> Primitives:
     """Both banks. Within a kind, primitives spread evenly over orientation and frequency (then
     shuffled), so siblings differ in at least one visible way."""
     rng = np.random.default_rng([world_seed, 101])
-    kind, freq, shape, theta = [], [], [], []
+    kind, freq, shape, theta, hue = [], [], [], [], []
     for bank, kinds in enumerate((SOURCE_KINDS, FAR_KINDS)):
         f_lo, f_hi = BANK_FREQS[bank]
+        h_lo, h_hi = BANK_HUES[bank]
         for kind_name in kinds:
             kind += [KINDS.index(kind_name)] * PER_KIND
             theta += list(rng.permutation(np.pi * (np.arange(PER_KIND) + rng.random(PER_KIND) * 0.3) / PER_KIND))
-            freq += list(rng.permutation(f_lo + (f_hi - f_lo) * (np.arange(PER_KIND) % 4 + rng.random(PER_KIND) * 0.5) / 4))
+            steps = (np.arange(PER_KIND) % 4 + rng.random(PER_KIND) * 0.5) / 4
+            freq += list(rng.permutation(f_lo + (f_hi - f_lo) * steps))
             shape += list(rng.permutation(0.3 + 0.7 * (np.arange(PER_KIND) % 3 + rng.random(PER_KIND) * 0.5) / 3))
+            hue += list(rng.permutation(h_lo + (h_hi - h_lo) * (np.arange(PER_KIND) + 0.5) / PER_KIND))
     f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
-    return Primitives(kind=np.asarray(kind), freq=f32(freq), shape=f32(shape), theta=f32(theta))
+    return Primitives(kind=np.asarray(kind), freq=f32(freq), shape=f32(shape), theta=f32(theta), hue=f32(hue))
 
 
 def _env(u: np.ndarray, v: np.ndarray, sigma: float) -> np.ndarray:
@@ -153,13 +163,13 @@ def _pinwheel(u, v, f, s, ph):  # noqa: ANN001, ANN202
 KIND_FNS: tuple[Callable[..., np.ndarray], ...] = (_grating, _bar, _blob, _ring, _checker, _dots, _cross, _pinwheel)
 
 
-# rendering style (module constants: changing one changes every image -> bump GENERATOR_VERSION)
+# Rendering constants, chosen by measurement (module docstring); they are part of every fingerprint.
 STYLE: dict[str, Any] = {
-    "class_hue_jitter": 0.05,  # a class slot keeps its hue up to this jitter; None = any hue of the bank
-    "clutter_from_task": False,  # distractors from the task's own primitives (harder) or the whole bank
-    "clutter_alpha": (0.3, 0.7),
-    "scale": (0.3, 0.46),
-    "radius": (0.2, 0.45),
+    "hue_jitter": 0.08,  # a primitive keeps its own hue up to this jitter (hue in [0, 1))
+    "clutter_from_task": True,  # distractors from the task's own primitives (harder) or from both banks
+    "clutter_alpha": (0.3, 0.7),  # distractor opacity
+    "scale": (0.3, 0.46),  # class primitive radius (image half-width = 1)
+    "radius": (0.2, 0.45),  # distance of class primitives from the object centre
 }
 
 
@@ -195,26 +205,12 @@ def make_task(num_classes: int, k: int, distance: float, seed: int, world_seed: 
     return _compositions(num_classes, k, distance, rng, bank_size, avoid)
 
 
-def class_hues(prim: Primitives, task: np.ndarray) -> np.ndarray:
-    """A fixed hue per class slot, from the slot primitive's bank range (deterministic in the task)."""
-    h = np.asarray([[hash_unit(int(c), j, int(p)) for j, p in enumerate(row)] for c, row in enumerate(task)])
-    lo, hi = np.asarray(BANK_HUES).T
-    bank = prim.bank(task)
-    return lo[bank] + (hi - lo)[bank] * h
-
-
-def hash_unit(*parts: int) -> float:
-    """A deterministic number in [0, 1) from integers (no global RNG state involved)."""
-    return float(np.random.default_rng([*parts, 404]).random())
-
-
 def render(prim: Primitives, task: np.ndarray, labels: np.ndarray, rng: np.random.Generator, *, image_size: int,
            clutter: int, noise: float, chunk: int = 256) -> torch.Tensor:
     """Render one image per label: uint8 [N, 3, S, S].
 
     Per sample, the class's primitives sit on a randomly rotated ring around a random centre, with
-    random size, small orientation jitter and a random colour from their bank's hue range; clutter
-    primitives (from the task's own set) are drawn behind them.
+    random size and small orientation / hue jitter; clutter primitives are drawn behind them.
     """
     n, k = len(labels), task.shape[1]
     used = np.unique(task) if STYLE["clutter_from_task"] else np.arange(2 * prim.bank_size)
@@ -236,14 +232,10 @@ def render(prim: Primitives, task: np.ndarray, labels: np.ndarray, rng: np.rando
     rot = (prim.theta[pid] + rng.uniform(-0.2, 0.2, (n, m_all))).astype(np.float32)
     alpha = np.concatenate([c_alpha, np.ones((n, k))], 1).astype(np.float32)
     phase = rng.uniform(0, 2 * np.pi, (n, m_all)).astype(np.float32)
-    hue_lo, hue_hi = np.asarray(BANK_HUES).T
-    bank = prim.bank(pid)
-    hue = hue_lo[bank] + (hue_hi - hue_lo)[bank] * rng.random((n, m_all))
-    if STYLE["class_hue_jitter"] is not None:  # class slots keep the class's hue (clutter stays random)
-        class_hue = class_hues(prim, task)[labels]
-        hue[:, clutter:] = class_hue + rng.uniform(-1, 1, (n, k)) * STYLE["class_hue_jitter"]
+    hue = prim.hue[pid] + rng.uniform(-1, 1, (n, m_all)) * STYLE["hue_jitter"]
     colour = _hsv_to_rgb(hue, rng.uniform(0.5, 1.0, (n, m_all)), rng.uniform(0.6, 1.0, (n, m_all))).astype(np.float32)
-    bg = _hsv_to_rgb(rng.random((n, 2)), rng.uniform(0, 0.35, (n, 2)), rng.uniform(0.15, 0.6, (n, 2))).astype(np.float32)
+    bg = _hsv_to_rgb(rng.random((n, 2)), rng.uniform(0, 0.35, (n, 2)), rng.uniform(0.15, 0.6, (n, 2)))
+    bg = bg.astype(np.float32)
     bg_dir = rng.uniform(0, 2 * np.pi, n).astype(np.float32)
 
     s = image_size
@@ -252,7 +244,8 @@ def render(prim: Primitives, task: np.ndarray, labels: np.ndarray, rng: np.rando
     out = np.empty((n, 3, s, s), np.uint8)
     for a in range(0, n, chunk):
         b = min(n, a + chunk)
-        t = 0.5 + 0.5 * (xs[None] * np.cos(bg_dir[a:b, None, None]) + ys[None] * np.sin(bg_dir[a:b, None, None])) / math.sqrt(2)
+        d = bg_dir[a:b, None, None]
+        t = 0.5 + 0.5 * (xs[None] * np.cos(d) + ys[None] * np.sin(d)) / math.sqrt(2)
         img = bg[a:b, 0, :, None, None] + (bg[a:b, 1] - bg[a:b, 0])[:, :, None, None] * t[:, None]
         for m in range(m_all):
             dx = xs[None] - pos[a:b, m, 0, None, None]
@@ -341,8 +334,9 @@ def build_synthetic(*, name: str, root: Path, download: bool, **opts: Any) -> Sp
                        description=f"procedural task: {c} classes, distance {opts['distance']} "
                                    f"({far:.0%} far-bank primitives)")
     classes = [" + ".join(prim.name(int(i)) for i in row) for row in task]
-    return SplitDataset(info, pools, {"train": [tr], "val": [va], "test": [Part("test", np.arange(len(pools["test"])))]},
-                        classes, identity={"generator": GENERATOR_VERSION, "params": opts})
+    test = Part("test", np.arange(len(pools["test"])))
+    return SplitDataset(info, pools, {"train": [tr], "val": [va], "test": [test]},
+                        classes, identity={"generator": GENERATOR_VERSION, "style": STYLE, "params": opts})
 
 
 def _add(name: str, defaults: dict[str, Any], description: str) -> None:
