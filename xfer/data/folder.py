@@ -216,10 +216,14 @@ def build_imagefolder(*, name: str, root: Path, download: bool, path: str | None
     if metric not in FOLDER_METRICS:
         raise ValueError(f"dataset {name!r} option 'metric': {metric!r} is not one of {', '.join(FOLDER_METRICS)}")
     _check_fraction(name, val_fraction)
-    base = _resolve(path, root) if path is not None else _resolve(manifest, root).parent  # type: ignore[arg-type]
-    rows = _scan_folder(base) if path is not None else _read_manifest(_resolve(manifest, root))  # type: ignore[arg-type]
+    if path is not None:
+        base = _resolve(path, root)
+        rows, source = _scan_folder(base), f"image folder {base}"
+    else:
+        mpath = _resolve(manifest, root)  # type: ignore[arg-type]
+        base = mpath.parent
+        rows, source = _read_manifest(mpath), f"manifest {mpath}"
     info = DatasetInfo(name=name, num_classes=0, metric=metric, val_rule="heldout", offline=True)
-    source = f"image folder {base}" if path is not None else f"manifest {_resolve(manifest, root)}"  # type: ignore[arg-type]
     return _from_rows(name, info, rows, base, val_fraction=val_fraction, split_seed=split_seed, verify=verify,
                       source=source)
 

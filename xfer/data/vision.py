@@ -76,7 +76,8 @@ def _whole(pools: Pools, *names: str) -> list[Part]:
 
 def _heldout(pools: Pools, opts: Mapping[str, Any]) -> tuple[Parts, dict[str, Any]]:
     """Held-out rule: stratified ``val_fraction`` of the train pool is val; test is the test pool."""
-    tr, va = heldout_parts(np.asarray(pools["train"].targets), opts["val_fraction"], opts["split_seed"])  # type: ignore[attr-defined]
+    targets = np.asarray(pools["train"].targets)  # type: ignore[attr-defined]
+    tr, va = heldout_parts(targets, opts["val_fraction"], opts["split_seed"])
     parts = {"train": [tr], "val": [va], "test": _whole(pools, "test")}
     return parts, {"val": "heldout", "fraction": opts["val_fraction"], "seed": opts["split_seed"]}
 
