@@ -312,3 +312,16 @@ def test_source_top1_must_be_one_value_per_model():
                         "source_top1": [0.7, 0.8], "metric": "top1", "value": [0.5, 0.6]})
     with pytest.raises(ValueError, match="differs across rows of model 'a'"):
         stats.source_top1_by_model(res)
+
+
+def test_bootstrap_ignores_resamples_of_two_distinct_points():
+    """With 4 models a third of the resamples hold only 2 distinct points (r = ±1 by construction);
+    they must not pin the interval to [-1, 1]."""
+    x = np.array([0.2, 0.35, 0.5, 0.7])
+    y = np.array([0.1, 0.9, 0.6, 1.5])
+    boots = stats.bootstrap_pearson(x, y, n_boot=4000, seed=0)
+    finite = boots[np.isfinite(boots)]
+    assert len(finite) < len(boots)  # degenerate resamples were dropped
+    assert not np.any(np.isclose(np.abs(finite), 1.0))
+    c = stats.correlate(x, y, n_boot=4000, seed=0)
+    assert -1.0 < c.ci_low < c.r < c.ci_high < 1.0

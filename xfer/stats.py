@@ -172,7 +172,9 @@ class Correlation:
 def bootstrap_pearson(x: np.ndarray, y: np.ndarray, *, n_boot: int = 10_000, seed: int = 0,
                       chunk: int = 2_000) -> np.ndarray:
     """Pearson r of ``n_boot`` resamples of the (x, y) pairs (with replacement). Resamples where x or
-    y is constant have no r and come back NaN."""
+    y is constant have no r and come back NaN, and so do resamples of fewer than 3 distinct points:
+    two points always correlate at exactly ±1, and with few models (a third of the resamples of 4)
+    those would pin the interval to [-1, 1] whatever the data say."""
     x = np.asarray(x, float)
     y = np.asarray(y, float)
     n = len(x)
@@ -188,7 +190,9 @@ def bootstrap_pearson(x: np.ndarray, y: np.ndarray, *, n_boot: int = 10_000, see
             r = (xc * yc).sum(axis=1) / den
         # a resample with (numerically) constant x or y has no correlation
         tiny = den <= 1e-12 * max(1.0, float(np.abs(x).max() * np.abs(y).max()))
-        out[start:start + len(r)] = np.where(tiny, np.nan, np.clip(r, -1.0, 1.0))
+        srt = np.sort(idx, axis=1)
+        distinct = 1 + (np.diff(srt, axis=1) != 0).sum(axis=1)
+        out[start:start + len(r)] = np.where(tiny | (distinct < 3), np.nan, np.clip(r, -1.0, 1.0))
     return out
 
 
