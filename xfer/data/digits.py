@@ -7,7 +7,6 @@ and 20% of the rest is held out as validation.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
