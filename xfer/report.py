@@ -610,7 +610,9 @@ def build_report(results: pd.DataFrame, out_dir: str | Path,
         doc.img(files[name], figs[name][1])
         wide = stats.value_matrix(results, regime, log_odds=False).reindex(stats.model_order(results))
         doc.p(f"{regime}: test accuracy (%)")
-        doc.table(wide.reset_index().rename(columns={"index": "model"}), pct=list(wide.columns))
+        table = wide.reset_index().rename(columns={"index": "model"})
+        table.columns.name = None  # the pivot's "dataset" label would print as a stray header cell
+        doc.table(table, pct=list(wide.columns))
     if significance is not None:
         doc.h("Significance tests")
         tested = significance.groupby(["regime", "dataset"], sort=False)["test"].transform(lambda t: t.notna().any())
