@@ -8,17 +8,16 @@ lets one fingerprint cover the data *and* the split rule.
 from __future__ import annotations
 
 import bisect
-import hashlib
-import json
 import logging
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from xfer.data.base import SPLITS, DatasetInfo, SplitName
+from xfer.spec import stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +35,18 @@ def _as_labels(labels: Sequence[int] | np.ndarray) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
+def _shuffled_by_class(y: np.ndarray, seed: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Each class's example indices in a seeded random order (one generator, classes in label order)."""
+    rng = np.random.default_rng(seed)
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        yield int(c), idx[rng.permutation(idx.size)]
+
+
+def _sorted_cat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+
+
 def stratified_holdout(labels: Sequence[int] | np.ndarray, fraction: float = 0.2,
                        seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Split example indices into (train, val), ``fraction`` of each class going to val.
@@ -46,18 +57,13 @@ def stratified_holdout(labels: Sequence[int] | np.ndarray, fraction: float = 0.2
     """
     if not 0.0 < float(fraction) < 1.0:
         raise ValueError(f"val fraction must be in (0, 1), got {fraction!r}")
-    y = _as_labels(labels)
-    rng = np.random.default_rng(seed)
     train: list[np.ndarray] = []
     val: list[np.ndarray] = []
-    for c in np.unique(y):
-        idx = np.flatnonzero(y == c)
-        idx = idx[rng.permutation(idx.size)]
+    for _, idx in _shuffled_by_class(_as_labels(labels), seed):
         n_val = min(int(round(fraction * idx.size)), idx.size - 1)
         val.append(idx[:n_val])
         train.append(idx[n_val:])
-    cat = lambda parts: np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)  # noqa: E731
-    return cat(train), cat(val)
+    return _sorted_cat(train), _sorted_cat(val)
 
 
 def per_class_sample(labels: Sequence[int] | np.ndarray, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -68,26 +74,15 @@ def per_class_sample(labels: Sequence[int] | np.ndarray, k: int, seed: int = 0) 
     """
     if int(k) != k or k < 1:
         raise ValueError(f"examples per class must be an integer >= 1, got {k!r}")
-    y = _as_labels(labels)
-    rng = np.random.default_rng(seed)
     picked: list[np.ndarray] = []
     rest: list[np.ndarray] = []
-    for c in np.unique(y):
-        idx = np.flatnonzero(y == c)
-        idx = idx[rng.permutation(idx.size)]
+    for c, idx in _shuffled_by_class(_as_labels(labels), seed):
         if idx.size <= k:
             log.warning("class %s has only %d examples (<= %d): all of them are picked, none left over",
                         c, idx.size, k)
         picked.append(idx[:k])
         rest.append(idx[k:])
-    cat = lambda parts: np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)  # noqa: E731
-    return cat(picked), cat(rest)
-
-
-def stable_id(obj: Any, n: int = 16) -> str:
-    """A short hash of a JSON-able description (sorted keys, so dict order never matters)."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:n]
+    return _sorted_cat(picked), _sorted_cat(rest)
 
 
 class ArrayPool(Dataset):
@@ -187,7 +182,7 @@ class SplitDataset:
         return list(self._class_names)
 
     def fingerprint(self) -> str:
-        return stable_id({"protocol": SPLIT_PROTOCOL, "name": self.info.name, "val_rule": self.info.val_rule,
+        return stable_hash({"protocol": SPLIT_PROTOCOL, "name": self.info.name, "val_rule": self.info.val_rule,
                           "identity": self._identity, "counts": self.counts()})
 
     def __repr__(self) -> str:
