@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from xfer.data.transforms import DataConfig, eval_transform, train_transform
+from xfer.io import write_atomic
 from xfer.regimes.base import Diverged, RunContext
 
 log = logging.getLogger(__name__)
@@ -175,10 +175,7 @@ def loss_fn(multilabel: bool, label_smoothing: float = 0.0) -> nn.Module:
 
 # ------------------------------------------------------------------ checkpoints
 def _save_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def checkpoint_path(ctx: RunContext) -> Path | None:

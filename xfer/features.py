@@ -18,9 +18,7 @@ a valid file.
 from __future__ import annotations
 
 import logging
-import os
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -29,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from xfer.data.base import SPLITS
+from xfer.io import write_atomic
 from xfer.regimes.base import RunContext, splits_for
 from xfer.spec import stable_hash
 
@@ -204,17 +203,11 @@ def extract_features(model: torch.nn.Module, split: Dataset, cfg: "DataConfig", 
 
 
 def _write_atomic(obj: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic: readers see the old state or the whole new file
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    write_atomic(path, write)
 
 
 def _load(path: Path) -> dict[str, Any] | None:

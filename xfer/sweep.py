@@ -18,6 +18,7 @@ from typing import IO, Any, Sequence
 
 import numpy as np
 
+from xfer.io import write_atomic
 from xfer.regimes.base import RunContext
 from xfer.spec import SweepSpec, TrialSpec, load_spec
 
@@ -45,10 +46,11 @@ class SweepPaths:
 
 
 def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: savez would append ".npz" to a temporary name
+            np.savez_compressed(f, **arrays)
+
+    write_atomic(path, write)
 
 
 def execute_trial(trial: TrialSpec, paths: SweepPaths, *, download: bool, report) -> dict[str, Any]:

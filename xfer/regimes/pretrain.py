@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 
 from xfer import engine
+from xfer.io import write_atomic
 from xfer.regimes.base import REGIMES, RunContext, TrialResult, splits_for
 
 log = logging.getLogger(__name__)
@@ -40,12 +40,6 @@ PRETRAIN_OPTIONS: dict[str, Any] = {
     "checkpoint_every": 1000,
     "log_every": 50,
 }
-
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 class Pretrain:
@@ -101,13 +95,13 @@ class Pretrain:
 
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu() for k, v in backbone.model.state_dict().items()}
-        _write_atomic(pth, lambda p: torch.save(state, p))
+        write_atomic(pth, lambda p: torch.save(state, p))
         meta = {"arch": trial.model.arch, "num_classes": info.num_classes,
                 "data_config": data_config_to_dict(backbone.data_config), "source_top1": top1,
                 "source_dataset": trial.dataset.display, "steps": outcome.steps_done,
                 "train_loss": outcome.last_loss, "trial_key": trial.key, "seed": trial.seed,
                 "options": opts, "complete": True}
-        _write_atomic(meta_path, lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True)))
+        write_atomic(meta_path, lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True)))
         ctx.report(outcome.steps_done, {"test_top1": top1})
         engine.clear_checkpoint(ctx)
         log.info("pretrain %s on %s: source top-1 %.4f (%d steps, %.1fs) -> %s", trial.model.name,

@@ -1,0 +1,25 @@
+"""Atomic file writes: checkpoints, cached features, predictions and pretrain outputs are read by other
+processes (resumed trials, other workers on shared storage), so a file under its final name must
+always be complete. A crash leaves at most a hidden temporary file."""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Callable
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a unique temporary name beside ``path``, flush it to disk, then move it
+    into place with ``os.replace`` (atomic on POSIX: readers see the old file or the whole new one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
