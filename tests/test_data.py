@@ -92,7 +92,7 @@ def test_paper_datasets_are_registered_with_the_protocol(name):
 def test_unknown_dataset_and_option_errors():
     with pytest.raises(UnknownNameError, match="Did you mean 'cifar10'"):
         build_dataset("cifar-10", root=".")
-    with pytest.raises(ValueError, match=r"unknown option 'num_class'.*valid: .*num_classes"):
+    with pytest.raises(ValueError, match=r"num_class: unknown key \(did you mean 'num_classes'\?\); valid keys: .*num_classes"):
         build_dataset("synthetic_near", root=".", num_class=3)
     with pytest.raises(ValueError, match="expected int"):
         build_dataset("synthetic_near", root=".", num_classes="ten")
@@ -107,11 +107,11 @@ def test_build_from_ref_uses_the_run_context(tmp_path):
     from xfer.regimes.base import RunContext
     from xfer.spec import DatasetRef
 
-    ctx = RunContext(storage=tmp_path, data_root=tmp_path, download=False)
-    ds = build_from_ref(DatasetRef("synthetic_far", {"train_per_class": 12, "test_per_class": 4}), ctx)
+    ctx = RunContext.local(storage=tmp_path, data_root=tmp_path, download=False)
+    ds = build_from_ref(DatasetRef("synthetic_far", {"train_per_class": 12, "test_per_class": 4}), data_root=ctx.data_root, download=ctx.download)
     assert ds.counts()["test"] == 40
     with pytest.raises(DatasetNotFoundError, match=str(tmp_path)):
-        build_from_ref(DatasetRef("cifar10", {"download": False}), ctx)
+        build_from_ref(DatasetRef("cifar10", {"download": False}), data_root=ctx.data_root, download=ctx.download)
 
 
 # ---------------------------------------------------------------------- offline contract (shared)

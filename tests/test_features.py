@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from xfer import features
-from xfer.regimes import RunContext
-from xfer.spec import DatasetRef, ModelSpec, TrialSpec
+from xfer.contract import RunContext
+from xfer.trial import DatasetRef, ModelSpec, TrialSpec
 
 MODEL = ModelSpec(name="tiny", arch="test_resnet", weights="random", input_size=32)
 NEAR = DatasetRef("synthetic_near")
@@ -19,7 +19,7 @@ DIGITS = DatasetRef("digits")
 
 @pytest.fixture
 def ctx(tmp_path):
-    return RunContext(storage=tmp_path / "storage", data_root=tmp_path / "data", device="cpu")
+    return RunContext.local(storage=tmp_path / "storage", data_root=tmp_path / "data", device="cpu")
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def test_stored_features_are_the_frozen_eval_mode_pooled_features(ctx):
     fs = features.get_feature_set(MODEL, DIGITS, "val", ctx, batch_size=7)  # odd batch: batching must not matter
     backbone = load_backbone(MODEL, num_classes=0, ctx=ctx)
     model = backbone.model
-    ds = build_from_ref(DIGITS, ctx)
+    ds = build_from_ref(DIGITS, data_root=ctx.data_root, download=ctx.download)
     tf = eval_transform(backbone.data_config)
     items = [ds.split("val")[i] for i in range(5)]
     images = torch.stack([tf(img) for img, _ in items])
@@ -94,7 +94,7 @@ def test_keys_separate_split_dataset_and_weights(ctx, tmp_path):
     # a different preprocessing (input size) is a different feature
     assert k != features.feature_key(replace(MODEL, input_size=40), DIGITS, "train", ctx)
     # … but where the store lives, the device and the batch size are not part of it
-    elsewhere = RunContext(storage=tmp_path / "elsewhere", data_root=ctx.data_root, device="cpu")
+    elsewhere = RunContext.local(storage=tmp_path / "elsewhere", data_root=ctx.data_root, device="cpu")
     assert k == features.feature_key(MODEL, DIGITS, "train", elsewhere)
 
 
@@ -105,7 +105,7 @@ def test_key_lookups_build_each_model_and_dataset_once(ctx, monkeypatch):
     calls: list[str] = []
     real_load, real_build = xfer.models.load_backbone, xfer.data.build_from_ref
     monkeypatch.setattr(xfer.models, "load_backbone", lambda m, **kw: calls.append(m.name) or real_load(m, **kw))
-    monkeypatch.setattr(xfer.data, "build_from_ref", lambda r, c: calls.append(r.name) or real_build(r, c))
+    monkeypatch.setattr(xfer.data, "build_from_ref", lambda r, **kw: calls.append(r.name) or real_build(r, **kw))
     features.clear_identity_cache()
     other = replace(MODEL, name="tiny2", input_size=40)
     for model in (MODEL, other):
@@ -133,7 +133,7 @@ def test_precompute_makes_the_two_splits_a_stage_reads(ctx, count_extractions, m
     assert keys == [features.feature_key(MODEL, DIGITS, s, ctx) for s in ("train", "val")]
     final_keys = features.precompute(replace(trial, stage="final"), ctx)
     assert final_keys == [features.feature_key(MODEL, DIGITS, s, ctx) for s in ("trainval", "test")]
-    assert sorted(p.name for p in ctx.features_dir().iterdir()) == sorted(f"{k}.pt" for k in keys + final_keys)
+    assert sorted(p.name for p in ctx.layout.features_dir.iterdir()) == sorted(f"{k}.pt" for k in keys + final_keys)
     n = len(count_extractions)
     assert n == 4
     features.precompute(replace(trial, hparams={"l2": 1.0}), ctx)  # another λ: same features
@@ -159,7 +159,7 @@ def test_a_crash_while_writing_leaves_no_entry(ctx, monkeypatch, count_extractio
         features.get_features(MODEL, DIGITS, "val", ctx)
     key = features.feature_key(MODEL, DIGITS, "val", ctx)
     assert not features.feature_path(key, ctx).exists()
-    assert list(ctx.features_dir().iterdir()) == []  # no stray temporary file either
+    assert list(ctx.layout.features_dir.iterdir()) == []  # no stray temporary file either
     monkeypatch.setattr(torch, "save", real_save)
     x, _ = features.get_features(MODEL, DIGITS, "val", ctx)
     assert features.feature_path(key, ctx).exists() and len(x) > 0
@@ -172,10 +172,10 @@ def test_a_damaged_entry_is_recomputed(ctx, count_extractions, caplog):
     x, _ = features.get_features(MODEL, DIGITS, "val", ctx)
     assert len(count_extractions) == 2 and len(x) > 0
     assert "unreadable entry" in caplog.text
-    assert not any(p.name.endswith(".tmp") for p in ctx.features_dir().iterdir())
+    assert not any(p.name.endswith(".tmp") for p in ctx.layout.features_dir.iterdir())
 
 
 def test_unknown_split_is_a_clear_error(ctx):
     with pytest.raises(features.FeatureStoreError, match="valid: train, val, trainval, test"):
         features.feature_key(MODEL, DIGITS, "validation", ctx)
-    assert not os.path.exists(ctx.features_dir())
+    assert not os.path.exists(ctx.layout.features_dir)

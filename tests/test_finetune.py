@@ -13,8 +13,9 @@ from torch.utils.data import Subset
 from xfer import engine
 from xfer.data import build_dataset
 from xfer.data.transforms import DataConfig
-from xfer.regimes import REGIMES, RunContext, run_trial
-from xfer.spec import DatasetRef, ModelSpec, TrialSpec
+from xfer.contract import RunContext
+from xfer.regimes import REGIMES, run_trial
+from xfer.trial import DatasetRef, ModelSpec, TrialSpec
 
 CFG32 = DataConfig(input_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.0)
 
@@ -82,7 +83,7 @@ class _Stop(Exception):
 def _train(split, work_dir, report, steps=12):
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", num_classes=10, drop_rate=0.2)  # dropout: the per-step seed matters
-    ctx = RunContext(storage=work_dir, data_root=work_dir, work_dir=work_dir, report=report)
+    ctx = RunContext.local(storage=work_dir, data_root=work_dir, work_dir=work_dir, report=report)
     cfg = engine.TrainConfig(steps=steps, batch_size=16, lr=0.05, wd=1e-4, checkpoint_every=4, log_every=3, seed=1)
     return model, engine.train(model, split, CFG32, cfg, ctx, run_id="trial-a")
 
@@ -107,7 +108,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path):
     assert resumed_reports == [r for r in plain_reports if r[0] > 4]  # same losses from step 6 on
     # another run's checkpoint is never resumed
     model = timm.create_model("test_resnet", num_classes=10)
-    ctx = RunContext(storage=tmp_path, data_root=tmp_path, work_dir=tmp_path / "cut")
+    ctx = RunContext.local(storage=tmp_path, data_root=tmp_path, work_dir=tmp_path / "cut")
     out = engine.train(model, split, CFG32, engine.TrainConfig(steps=2, batch_size=16, lr=0.05), ctx, run_id="other")
     assert out.resumed_from == 0
 
@@ -145,7 +146,7 @@ def first_layers(monkeypatch):
 
 
 def test_finetune_and_scratch_end_to_end(tmp_path, weights_file, first_layers):
-    ctx = RunContext(storage=tmp_path / "s", data_root=tmp_path / "d", work_dir=tmp_path / "w")
+    ctx = RunContext.local(storage=tmp_path / "s", data_root=tmp_path / "d", work_dir=tmp_path / "w")
     spec = ModelSpec(name="r", arch="test_resnet", weights="file", weights_file=str(weights_file), input_size=32)
     source_conv = torch.load(weights_file)["conv1.0.weight"]
     results = {}
@@ -163,7 +164,7 @@ def test_finetune_and_scratch_end_to_end(tmp_path, weights_file, first_layers):
 
 
 def test_final_stage_reports_test_on_digits(tmp_path):
-    ctx = RunContext(storage=tmp_path / "s", data_root=tmp_path / "d")
+    ctx = RunContext.local(storage=tmp_path / "s", data_root=tmp_path / "d")
     spec = ModelSpec(name="r", arch="test_resnet", weights="random", input_size=32)
     seen: list = []
     ctx.report = lambda step, m: seen.append(m)
@@ -175,14 +176,14 @@ def test_final_stage_reports_test_on_digits(tmp_path):
 
 
 def test_divergence_becomes_a_status(tmp_path):
-    ctx = RunContext(storage=tmp_path / "s", data_root=tmp_path / "d")
+    ctx = RunContext.local(storage=tmp_path / "s", data_root=tmp_path / "d")
     spec = ModelSpec(name="r", arch="test_resnet", weights="random", input_size=32)
     r = run_trial(_trial(spec, lr=1e30, wd=0.0, steps=10, batch_size=16), ctx)
     assert r.status == "diverged" and "step" in r.message
 
 
 def test_bad_options_fail_with_the_valid_names(tmp_path):
-    ctx = RunContext(storage=tmp_path / "s", data_root=tmp_path / "d")
+    ctx = RunContext.local(storage=tmp_path / "s", data_root=tmp_path / "d")
     spec = ModelSpec(name="r", arch="test_resnet", weights="random", input_size=32)
     r = run_trial(_trial(spec, stpes=5), ctx)
     assert r.status == "failed" and "stpes" in r.message and "checkpoint_every" in r.message
@@ -193,9 +194,9 @@ def test_bad_options_fail_with_the_valid_names(tmp_path):
 
 def test_regimes_are_registered_with_their_defaults():
     ft, sc = REGIMES.get("finetune"), REGIMES.get("scratch")
-    assert ft.axes == sc.axes == ("lr", "wd")
-    assert ft.options["steps"] == 20000 and sc.options["steps"] == 40000
-    assert ft.options["batch_size"] == 256 and ft.options["wd_over_lr"] is True and ft.options["momentum"] == 0.9
+    assert ft.axis_names == sc.axis_names == ("lr", "wd")
+    assert ft.defaults["steps"] == 20000 and sc.defaults["steps"] == 40000
+    assert ft.defaults["batch_size"] == 256 and ft.defaults["wd_over_lr"] is True and ft.defaults["momentum"] == 0.9
 
 
 def test_dataloader_workers_give_the_same_run(tmp_path):
@@ -205,7 +206,7 @@ def test_dataloader_workers_give_the_same_run(tmp_path):
     for workers in (0, 2):
         torch.manual_seed(0)
         model = timm.create_model("test_resnet", num_classes=10)
-        ctx = RunContext(storage=tmp_path, data_root=tmp_path, num_workers=workers)
+        ctx = RunContext.local(storage=tmp_path, data_root=tmp_path, num_workers=workers)
         engine.train(model, split, CFG32, engine.TrainConfig(steps=3, batch_size=16, lr=0.05, log_every=0), ctx)
         finals.append(model.state_dict())
     assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
@@ -229,7 +230,7 @@ def test_multilabel_trains_with_bce_and_evaluates_map11(tmp_path):
     assert isinstance(engine.loss_fn(False), torch.nn.CrossEntropyLoss)
     data = _MultiLabel()
     model = timm.create_model("test_resnet", num_classes=4)
-    ctx = RunContext(storage=tmp_path, data_root=tmp_path)
+    ctx = RunContext.local(storage=tmp_path, data_root=tmp_path)
     out = engine.train(model, data, CFG32, engine.TrainConfig(steps=3, batch_size=8, lr=0.01, log_every=1), ctx,
                        multilabel=True)
     assert math.isfinite(out.last_loss)

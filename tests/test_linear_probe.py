@@ -13,10 +13,12 @@ from sklearn.metrics import accuracy_score, log_loss
 from sklearn.preprocessing import StandardScaler
 
 from xfer import features
-from xfer.regimes import REGIMES, RunContext, run_trial
-from xfer.regimes.base import Diverged
-from xfer.regimes.linear_probe import (LinearProbeError, Standardizer, fit_logistic, logistic_objective)
-from xfer.spec import DatasetRef, ModelSpec, TrialSpec
+from xfer.contract import RunContext
+from xfer.regimes import REGIMES, run_trial
+from xfer.contract import Diverged
+from xfer.options import OptionError
+from xfer.logistic import (LinearProbeError, Standardizer, fit_logistic, logistic_objective)
+from xfer.trial import DatasetRef, ModelSpec, TrialSpec
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +126,7 @@ def test_regime_multilabel_reports_map11_from_one_vs_rest(monkeypatch, tmp_path)
                                        metric="map11", key=s) for s in splits}
 
     monkeypatch.setattr(features, "get_feature_sets", fake)
-    res = run_trial(_tiny_trial(hparams={"l2": 1e-3}), RunContext(storage=tmp_path, data_root=tmp_path))
+    res = run_trial(_tiny_trial(hparams={"l2": 1e-3}), RunContext.local(storage=tmp_path, data_root=tmp_path))
     assert res.status == "finished", res.message
     assert res.metric == "map11" and set(res.metrics) == {"val_map11", "train_loss"}
     assert res.metrics["val_map11"] > 0.9  # linearly separable classes
@@ -147,10 +149,11 @@ def _tiny_trial(**kw) -> TrialSpec:
 
 
 @pytest.mark.parametrize("hparams,match", [({"l2": 0.0}, "> 0"), ({"l2": -1e-3}, "> 0"),
-                                           ({}, "exactly one hyper-parameter"), ({"l2": 1.0, "lr": 0.1}, "l2")])
+                                           ({}, "takes the hyper-parameters l2; got none"),
+                                           ({"l2": 1.0, "lr": 0.1}, "takes the hyper-parameters l2; got l2, lr")])
 def test_regime_rejects_bad_penalty_before_touching_data(tmp_path, hparams, match):
-    ctx = RunContext(storage=tmp_path / "s", data_root=tmp_path / "d")
-    with pytest.raises(LinearProbeError, match=match):
+    ctx = RunContext.local(storage=tmp_path / "s", data_root=tmp_path / "d")
+    with pytest.raises(OptionError, match=match):
         REGIMES.get("linear_probe").run(_tiny_trial(hparams=hparams), ctx)
     assert not (tmp_path / "s").exists()
     res = run_trial(_tiny_trial(hparams=hparams), ctx)
@@ -158,8 +161,8 @@ def test_regime_rejects_bad_penalty_before_touching_data(tmp_path, hparams, matc
 
 
 def test_regime_rejects_unknown_options(tmp_path):
-    ctx = RunContext(storage=tmp_path / "s", data_root=tmp_path / "d")
-    with pytest.raises(LinearProbeError, match="valid: max_iter, tol, standardize, batch_size"):
+    ctx = RunContext.local(storage=tmp_path / "s", data_root=tmp_path / "d")
+    with pytest.raises(OptionError, match="valid keys: max_iter, tol, standardize, batch_size"):
         REGIMES.get("linear_probe").run(_tiny_trial(options={"steps": 10}), ctx)
 
 
@@ -174,7 +177,7 @@ def test_non_finite_features_are_diverged(monkeypatch, tmp_path):
                                        multilabel=False, metric="top1", key=s) for s in splits}
 
     monkeypatch.setattr(features, "get_feature_sets", fake)
-    ctx = RunContext(storage=tmp_path, data_root=tmp_path)
+    ctx = RunContext.local(storage=tmp_path, data_root=tmp_path)
     res = run_trial(_tiny_trial(), ctx)
     assert res.status == "diverged" and "NaN/inf" in res.message
 
@@ -192,7 +195,7 @@ def test_standardizer_uses_train_statistics_and_keeps_constant_columns_finite():
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("lp")
-    return RunContext(storage=root / "storage", data_root=root / "data", device="cpu")
+    return RunContext.local(storage=root / "storage", data_root=root / "data", device="cpu")
 
 
 @pytest.mark.parametrize("lam", [1e-4, 1e-2])

@@ -11,15 +11,15 @@ import torch
 from xfer import models
 from xfer.models import (MissingCheckpointError, ModelLoadError, load_backbone, published_top1, source_table,
                          source_top1)
-from xfer.regimes.base import RunContext
-from xfer.spec import DatasetRef, ModelSpec, PretrainSpec
+from xfer.contract import RunContext
+from xfer.trial import DatasetRef, ModelSpec, PretrainSpec
 
 ARCH = "test_resnet"
 
 
 @pytest.fixture
 def ctx(tmp_path):
-    return RunContext(storage=tmp_path / "storage", data_root=tmp_path / "data")
+    return RunContext.local(storage=tmp_path / "storage", data_root=tmp_path / "data")
 
 
 def _saved_state(tmp_path, arch=ARCH, seed=123, num_classes=1000, name="weights.pth"):

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from xfer import engine, models
-from xfer.regimes import REGIMES, RunContext, run_trial
-from xfer.spec import DatasetRef, ModelSpec, PretrainSpec
+from xfer.contract import RunContext
+from xfer.regimes import REGIMES, run_trial
+from xfer.trial import DatasetRef, ModelSpec, PretrainSpec
 
 SOURCE = DatasetRef("synthetic_source", {"num_classes": 8, "train_per_class": 60, "test_per_class": 20})
 CLASSES = 8
@@ -28,7 +29,7 @@ def storage(tmp_path_factory):
 
 @pytest.fixture
 def ctx(storage):
-    return RunContext(storage=storage / "storage", data_root=storage / "data", work_dir=storage / "work")
+    return RunContext.local(storage=storage / "storage", data_root=storage / "data", work_dir=storage / "work")
 
 
 def test_pretrain_writes_a_loadable_checkpoint_and_is_idempotent(ctx, monkeypatch):
@@ -39,7 +40,7 @@ def test_pretrain_writes_a_loadable_checkpoint_and_is_idempotent(ctx, monkeypatc
     top1 = r.metrics["source_top1"]
     assert top1 == r.metrics["test_top1"]
     assert top1 > 3.0 / CLASSES  # three times chance (1/8); about 0.58 after 150 steps
-    folder = ctx.checkpoint_dir(trial.key)
+    folder = ctx.layout.checkpoint_dir(trial.key)
     assert r.artifacts == {"checkpoint": str(folder / "model.pth")}
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["complete"] and meta["arch"] == "test_resnet" and meta["num_classes"] == CLASSES
@@ -77,8 +78,8 @@ def test_longer_source_training_is_more_accurate_and_keys_differ(ctx):
 
 def test_pretrain_has_no_grid_and_validates_options(ctx):
     regime = REGIMES.get("pretrain")
-    assert regime.axes == () and {"steps", "batch_size", "lr", "wd", "label_smoothing"} <= set(regime.options)
-    assert regime.options["label_smoothing"] == 0.0
+    assert regime.axes == () and {"steps", "batch_size", "lr", "wd", "label_smoothing"} <= set(regime.defaults)
+    assert regime.defaults["label_smoothing"] == 0.0
     bad = ModelSpec(name="m", arch="test_resnet", weights="pretrain", input_size=32,
                     pretrain=PretrainSpec(dataset=SOURCE, options={"stesp": 3})).pretrain_trial()
     r = run_trial(bad, ctx)

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from xfer import report as rep
-from xfer.report import ResultsTableError, build_report, read_results_csv, report_main_from_csv
+from xfer.report import ResultsTableError, build_report, read_results_csv
 
 MODELS = ["tiny", "small", "base", "large", "huge"]
 SOURCE = [0.61, 0.68, 0.72, 0.77, 0.80]
@@ -40,7 +40,9 @@ def csv_report(tmp_path_factory):
     table = hand_table()
     csv = tmp / "results.csv"
     table.to_csv(csv, index=False)
-    out = report_main_from_csv(csv, tmp / "out")
+    rep = build_report(read_results_csv(csv), tmp / "out")  # what `xfer report --from-csv` does
+    out = {"files": {k: str(v) for k, v in rep.files.items()}, "headline": rep.headline,
+           "summary": rep.summary_lines()}
     return table, out, tmp
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from xfer.select import SELECTION_COLUMNS, expected_cells, final_trials, results_table, select_best
-from xfer.spec import DatasetRef, ModelSpec, TrialSpec
+from xfer.select import expected_cells, selection_columns, final_trials, results_table, select_best
+from xfer.trial import DatasetRef, ModelSpec, TrialSpec
 
 MODELS = [ModelSpec(name="small", arch="test_resnet", weights="random", source_top1=0.6),
           ModelSpec(name="big", arch="test_convnext", weights="random", source_top1=0.7)]
@@ -62,7 +62,7 @@ def cell(sel: pd.DataFrame, model: str, dataset: str, regime: str) -> pd.Series:
 def test_best_on_validation_is_picked_per_cell():
     trials = grid()
     sel = select_best(runs_for(trials, hp_val))
-    assert list(sel.columns) == SELECTION_COLUMNS
+    assert list(sel.columns) == selection_columns()
     assert len(sel) == len(MODELS) * len(DATASETS) * 2
     assert (sel.status == "selected").all()
     for _, row in sel[sel.regime == "finetune"].iterrows():
@@ -75,7 +75,7 @@ def test_best_on_validation_is_picked_per_cell():
     by_key = {t.key: t for t in trials}
     for _, row in sel.iterrows():
         t = by_key[row.trial_key]
-        assert t.group == (row.model, row.dataset, row.regime)
+        assert t.cell == (row.model, row.dataset, row.regime)
         assert dict(t.hparams).get("lr", math.nan) == pytest.approx(row.lr, nan_ok=True)
 
 
@@ -175,7 +175,7 @@ def test_seeds_are_averaged_per_configuration():
     by_key = {t.key: t for t in trials}
     assert by_key[row.trial_key].seed == 0  # named by its smallest seed
     finals = final_trials(sel, trials)
-    cell_finals = [t for t in finals if t.group == ("small", "digits", "finetune")]
+    cell_finals = [t for t in finals if t.cell == ("small", "digits", "finetune")]
     assert sorted(t.seed for t in cell_finals) == [0, 1]
 
 
@@ -217,13 +217,13 @@ def test_results_table_uses_the_final_runs_test_metric():
     stale = runs_for([stale_t], lambda t: math.nan, stage="final", test_fn=lambda t: 0.01)
     stale["run_id"] = "stale"
     # the final run of one cell failed
-    lp = next(f for f in finals if f.group == ("small", "synthetic_near", "linear_probe"))
+    lp = next(f for f in finals if f.cell == ("small", "synthetic_near", "linear_probe"))
     final_runs.loc[final_runs.trial_key == lp.key, ["status", "test"]] = ["failed", math.nan]
     res = results_table(pd.concat([final_runs, stale], ignore_index=True), sel)
     assert len(res) == len(sel)
     assert list(res.columns[:6]) == ["model", "dataset", "regime", "source_top1", "metric", "value"]
     for f in finals:
-        row = cell(res, *f.group)
+        row = cell(res, *f.cell)
         if f.key == lp.key:
             assert row.status == "no_final" and math.isnan(row.value) and "failed" in row.note
         else:

@@ -30,12 +30,14 @@ import numpy as np
 import pytest
 
 import xfer.data
+import xfer.data.registry
 from xfer import features
 from xfer.data import build_dataset
-from xfer.regimes import RunContext, run_trial
+from xfer.contract import RunContext
+from xfer.regimes import run_trial
 from xfer.regimes import linear_probe as linear_probe_module
-from xfer.regimes.base import Splits
-from xfer.spec import DatasetRef, ModelSpec, PretrainSpec, TrialSpec
+from xfer.contract import Splits
+from xfer.trial import DatasetRef, ModelSpec, PretrainSpec, TrialSpec
 
 MODEL = ModelSpec(name="tiny", arch="test_resnet", weights="random", input_size=32)
 SMALL_SYNTH = {"train_per_class": 20, "test_per_class": 10}
@@ -81,14 +83,14 @@ def recorder(monkeypatch, tmp_path) -> Recorder:
 
         monkeypatch.setattr(cls, "split", split)
     # nothing cached from before (or from the class probe above) may stand in for a read
-    monkeypatch.setattr(xfer.data, "_CACHE", OrderedDict())
+    monkeypatch.setattr(xfer.data.registry, "_CACHE", OrderedDict())
     features.clear_identity_cache()
     yield rec
     features.clear_identity_cache()
 
 
 def _ctx(tmp_path, reported: list[dict]) -> RunContext:
-    return RunContext(storage=tmp_path / "storage", data_root=tmp_path / "data", device="cpu",
+    return RunContext.local(storage=tmp_path / "storage", data_root=tmp_path / "data", device="cpu",
                       report=lambda step, m: reported.append(dict(m)))
 
 

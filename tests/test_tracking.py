@@ -19,7 +19,7 @@ import pytest
 from mlflow import MlflowClient
 
 from xfer import tracking
-from xfer.spec import DatasetRef, ModelSpec, TrialSpec
+from xfer.trial import DatasetRef, ModelSpec, TrialSpec
 from xfer.tracking import TrackingCallback, TrackingError, SweepTracker
 
 

@@ -19,13 +19,27 @@ class UsageError(Exception):
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from xfer.layout import LayoutError
+    from xfer.options import OptionError
     from xfer.registry import UnknownNameError
-    from xfer.spec import SpecError
-
     from xfer.report import ResultsTableError
-    from xfer.tracking import TrackingError
+    from xfer.select import SelectionError
+    from xfer.spec import SpecError
+    from xfer.tracking.uri import TrackingError
 
-    return (UsageError, SpecError, UnknownNameError, FileNotFoundError, TrackingError, ResultsTableError)
+    return (UsageError, SpecError, OptionError, LayoutError, UnknownNameError, FileNotFoundError, TrackingError,
+            ResultsTableError, SelectionError)
+
+
+def _axis_flags() -> dict[str, str]:
+    """Every grid axis a registered regime declares → its help (``xfer trial`` gets a flag for each)."""
+    from xfer.regimes import REGIMES
+
+    out: dict[str, str] = {}
+    for name in REGIMES.names():
+        for a in REGIMES.get(name).axes:
+            out.setdefault(a.name, f"{a.help} ({', '.join(r for r in REGIMES.names() if a.name in REGIMES.get(r).axis_names)})")
+    return out
 
 
 # ------------------------------------------------------------------ xfer trial
@@ -36,10 +50,11 @@ def _add_trial(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, help="a registered dataset (see `xfer datasets`)")
     p.add_argument("--dataset-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a dataset option, e.g. path=/data/mine (repeatable)")
-    p.add_argument("--regime", required=True, help="linear_probe | finetune | scratch | pretrain")
-    p.add_argument("--lr", type=float, help="learning rate (finetune, scratch, pretrain)")
-    p.add_argument("--wd", type=float, help="weight decay (finetune, scratch, pretrain)")
-    p.add_argument("--l2", type=float, help="L2 penalty λ of the logistic regression (linear_probe)")
+    from xfer.regimes import REGIMES
+
+    p.add_argument("--regime", required=True, help=" | ".join(REGIMES.names()))
+    for name, help_ in _axis_flags().items():
+        p.add_argument(f"--{name.replace('_', '-')}", dest=f"axis_{name}", type=float, help=help_)
     p.add_argument("--steps", type=int, help="training steps")
     p.add_argument("--batch-size", type=int, help="batch size")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -68,9 +83,13 @@ def _parse_kv(items: list[str], flag: str) -> dict[str, Any]:
 
 
 def trial_from_args(args: argparse.Namespace):
-    """Build and validate a TrialSpec from `xfer trial` flags through the same checks a spec file gets."""
+    """Build and validate a TrialSpec from `xfer trial` flags through the same checks a spec file gets:
+    the regime's own axes are its hyper-parameter flags; an axis flag of another regime is refused
+    unless this regime has an option of that name (pretrain's lr/wd)."""
+    from xfer.options import OptionError
     from xfer.regimes import REGIMES
-    from xfer.spec import SpecError, TrialSpec, _check_options, _dataset_ref, _model
+    from xfer.spec import SpecError, dataset_ref, model_spec
+    from xfer.trial import TrialSpec
 
     if args.regime not in REGIMES:
         raise UsageError(f"--regime: {REGIMES.unknown_message(args.regime)}")
@@ -80,47 +99,50 @@ def trial_from_args(args: argparse.Namespace):
         raise UsageError("--weights pretrain needs a sweep file; pass the checkpoint file path instead")
     if args.input_size is not None:
         model_raw["input_size"] = args.input_size
-    if args.regime in ("scratch", "pretrain"):
-        model_raw["weights"] = "random"
+    if not regime.grid or "weights" not in regime.model_identity:
+        model_raw["weights"] = "random"  # the regime trains from random initialisation
     try:
-        model = _model(model_raw, "--model/--weights", [args.seed])
-        dataset = _dataset_ref({"name": args.dataset, **_parse_kv(args.dataset_option, "--dataset-option")},
-                               "--dataset")
+        model = model_spec(model_raw, "--model/--weights", [args.seed])
+        dataset = dataset_ref({"name": args.dataset, **_parse_kv(args.dataset_option, "--dataset-option")},
+                              "--dataset")
     except SpecError as e:
         raise UsageError(str(e)) from None
     if model.weights == "file" and not Path(model.weights_file).expanduser().is_file():
         raise UsageError(f"--weights: no such weights file {model.weights_file}; valid: hub, random, "
                          "or the path of an existing state-dict file")
-    flags = {"lr": args.lr, "wd": args.wd, "l2": args.l2, "steps": args.steps, "batch_size": args.batch_size}
-    given = {k: v for k, v in flags.items() if v is not None}
-    for flag in ("lr", "wd", "l2"):
-        if flag in given and flag not in regime.axes and flag not in regime.options:
-            raise UsageError(f"--{flag} does not apply to regime {args.regime!r}; its hyper-parameters: "
-                             + (", ".join(f"--{a}" for a in regime.axes) or "none"))
+    given = {name: getattr(args, f"axis_{name}") for name in _axis_flags()}
+    given.update(steps=args.steps, batch_size=args.batch_size)
+    given = {k: v for k, v in given.items() if v is not None}
+    flags = ", ".join(f"--{a.replace('_', '-')}" for a in regime.axis_names) or "none"
+    for name in list(given):
+        if name not in regime.axis_names and name not in regime.defaults:
+            raise UsageError(f"--{name.replace('_', '-')} does not apply to regime {args.regime!r}; its "
+                             f"hyper-parameters: {flags}")
     hparams: dict[str, float] = {}
-    for axis in regime.axes:
+    for axis in regime.axis_names:
         if axis not in given:
             raise UsageError(f"--{axis.replace('_', '-')} is required for regime {args.regime!r} "
-                             f"(its hyper-parameters: {', '.join(regime.axes)})")
+                             f"(its hyper-parameters: {flags})")
         hparams[axis] = float(given.pop(axis))
-    options_raw = {**given, **_parse_kv(args.option, "--option")}
     try:
-        options = _check_options(options_raw, regime.options, f"regime {args.regime} option")
-    except SpecError as e:
+        hparams = regime.check_hparams(hparams, "--" + args.regime)
+        options = regime.check_options({**given, **_parse_kv(args.option, "--option")},
+                                       f"regime {args.regime} option")
+    except OptionError as e:
         raise UsageError(str(e)) from None
-    stage = "pretrain" if args.regime == "pretrain" else args.stage
+    stage = "pretrain" if not regime.grid else args.stage
     return TrialSpec(model=model, dataset=dataset, regime=args.regime, hparams=hparams, options=options,
-                     seed=args.seed, stage=stage)
+                     seed=args.seed, stage=stage, key_rule=regime.key_rule)
 
 
 def cmd_trial(args: argparse.Namespace) -> int:
     import time
 
-    from xfer.regimes import RunContext, run_trial
+    from xfer.contract import RunContext
+    from xfer.regimes import run_trial
 
     trial = trial_from_args(args)
-    ctx = RunContext(storage=Path(args.storage), data_root=Path(args.data_root), download=args.download,
-                     device=args.device,
+    ctx = RunContext.local(args.storage, args.data_root, download=args.download, device=args.device,
                      report=lambda step, m: print(f"  step {step:>6}  " + "  ".join(
                          f"{k}={v:.4g}" for k, v in m.items()), flush=True))
     print(f"trial {trial.key}: {args.model} on {args.dataset}, {args.regime} {dict(trial.hparams)}", flush=True)
@@ -132,7 +154,8 @@ def cmd_trial(args: argparse.Namespace) -> int:
         print(f"{k}: {v:.4f}")
     print(f"time: {seconds:.1f}s")
     if args.json:
-        print(json.dumps({**result.to_json(), "trial_key": trial.key, "seconds": round(seconds, 2)}))
+        flat = {k: v for k, v in result.to_json().items() if k != "metrics"}
+        print(json.dumps({**flat, **result.metrics, "trial_key": trial.key, "seconds": round(seconds, 2)}))
     return 0 if result.status in ("finished", "diverged") else 1
 
 
@@ -211,6 +234,7 @@ def _add_report(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--experiment", help="MLflow experiment (sweep name) to read final-stage runs from")
     src.add_argument("--from-csv", help="a results table made elsewhere (columns: see README)")
+    p.add_argument("--spec", help="with --experiment: select only among this sweep file's grid trials")
     p.add_argument("--tracking-uri")
     p.add_argument("--out", help="output folder (default: ./reports/<name>)")
 

@@ -26,9 +26,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from xfer.data.transforms import DataConfig, eval_transform, train_transform
-from xfer.io import write_atomic
-from xfer.regimes.base import Diverged, RunContext
+from xfer.data.transforms import DataConfig, Transformed, eval_transform, train_transform
+from xfer.io import save_torch
+from xfer.contract import Diverged, RunContext
 
 log = logging.getLogger(__name__)
 
@@ -149,18 +149,6 @@ class _SeededAugment(Dataset):
         return self.transform(image), target
 
 
-class _Transformed(Dataset):
-    def __init__(self, base: Dataset, transform: Callable) -> None:
-        self.base, self.transform = base, transform
-
-    def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
-        image, target = self.base[index]
-        return self.transform(image), target
-
-
 def _autocast(device: str):
     """bf16 autocast on CUDA only (CPU runs stay fp32, so they are exact and reproducible)."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
@@ -174,10 +162,6 @@ def loss_fn(multilabel: bool, label_smoothing: float = 0.0) -> nn.Module:
 
 
 # ------------------------------------------------------------------ checkpoints
-def _save_atomic(obj: Any, path: Path) -> None:
-    write_atomic(path, lambda tmp: torch.save(obj, tmp))
-
-
 def checkpoint_path(ctx: RunContext) -> Path | None:
     return Path(ctx.work_dir) / CHECKPOINT_NAME if ctx.work_dir is not None else None
 
@@ -307,7 +291,7 @@ def train(model: nn.Module, split: Dataset, data_config: DataConfig, cfg: TrainC
                 window_n = 0
             if ckpt is not None and (final or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
                 # the partial loss window travels too, so a resumed run reports the same losses
-                _save_atomic({"run_id": run_id, "step": done, "model": model.state_dict(),
+                save_torch({"run_id": run_id, "step": done, "model": model.state_dict(),
                               "optimizer": opt.state_dict(), "last_loss": last_loss,
                               "window": (float(window_sum), window_n)}, ckpt)
             if cfg.log_every and (log_now or final):
@@ -326,7 +310,7 @@ def predict(model: nn.Module, split: Dataset, data_config: DataConfig, *, device
     preprocessed with the deterministic ``eval_transform`` (BN in eval mode)."""
     was_training = model.training
     model.eval().to(device)
-    loader = DataLoader(_Transformed(split, eval_transform(data_config)), batch_size=batch_size,
+    loader = DataLoader(Transformed(split, eval_transform(data_config)), batch_size=batch_size,
                         shuffle=False, num_workers=num_workers, pin_memory=device.startswith("cuda"))
     scores: list[np.ndarray] = []
     targets: list[np.ndarray] = []
@@ -349,20 +333,3 @@ def evaluate(model: nn.Module, split: Dataset, data_config: DataConfig, metric: 
     scores, targets = predict(model, split, data_config, device=device, batch_size=batch_size,
                               num_workers=num_workers)
     return compute_metric(metric, scores, targets), scores, targets
-
-
-def merge_options(defaults: dict[str, Any], given: dict[str, Any], regime: str) -> dict[str, Any]:
-    """A regime's option defaults overlaid with a trial's options; unknown names are errors."""
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise ValueError(f"unknown option(s) for regime {regime!r}: {', '.join(unknown)}; "
-                         f"valid: {', '.join(sorted(defaults))}")
-    return {**defaults, **given}
-
-
-def require_hparams(hparams: dict[str, float], axes: Sequence[str], regime: str) -> dict[str, float]:
-    missing = [a for a in axes if a not in hparams]
-    if missing:
-        raise ValueError(f"regime {regime!r} needs hyper-parameter(s) {', '.join(missing)} "
-                         f"(its grid axes: {', '.join(axes)}); got {dict(hparams)}")
-    return {a: float(hparams[a]) for a in axes}

@@ -27,14 +27,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from xfer.data.base import SPLITS
-from xfer.io import write_atomic
-from xfer.regimes.base import RunContext, splits_for
-from xfer.spec import stable_hash
+from xfer.io import save_torch
+from xfer.contract import RunContext, splits_for
+from xfer.hashing import stable_hash
 
 if TYPE_CHECKING:
     from xfer.data.transforms import DataConfig
     from xfer.models import Backbone
-    from xfer.spec import DatasetRef, ModelSpec, TrialSpec
+    from xfer.trial import DatasetRef, ModelSpec, TrialSpec
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class _Built:
         if self.dataset is None:
             from xfer.data import build_from_ref
 
-            self.dataset = build_from_ref(self.ref, self.ctx)
+            self.dataset = build_from_ref(self.ref, data_root=self.ctx.data_root, download=self.ctx.download)
             _DATASET_IDS[_dataset_memo(self.ref, self.ctx)] = self.dataset.fingerprint()
         return self.dataset
 
@@ -150,38 +150,23 @@ def feature_key(model: "ModelSpec", ref: "DatasetRef", split: str, ctx: RunConte
 
 
 def feature_path(key: str, ctx: RunContext) -> Path:
-    return ctx.features_dir() / f"{key}.pt"
+    return ctx.layout.feature_file(key)
 
 
 # ---------------------------------------------------------------------------------------------
 # Extraction
 # ---------------------------------------------------------------------------------------------
-class _Transformed(Dataset):
-    """A split with the eval transform applied and targets as tensors (so batches collate)."""
-
-    def __init__(self, split: Dataset, transform: Any) -> None:
-        self.split, self.transform = split, transform
-
-    def __len__(self) -> int:
-        return len(self.split)  # type: ignore[arg-type]
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, target = self.split[i]
-        t = target.to(torch.float32) if isinstance(target, torch.Tensor) else torch.tensor(int(target))
-        return self.transform(image), t
-
-
 def extract_features(model: torch.nn.Module, split: Dataset, cfg: "DataConfig", *, batch_size: int = 256,
                      device: str = "cpu", num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled features [N, D] (float32, CPU) and targets of ``split`` under the frozen ``model``
     (a timm model built with ``num_classes=0``, so its output is the pooled penultimate layer)."""
-    from xfer.data.transforms import eval_transform
+    from xfer.data.transforms import Transformed, eval_transform
 
     was_training = model.training
     model.eval()  # BN running statistics, no dropout: the network is frozen
     model.to(device)
     cuda = torch.device(device).type == "cuda"
-    loader = DataLoader(_Transformed(split, eval_transform(cfg)), batch_size=batch_size, shuffle=False,
+    loader = DataLoader(Transformed(split, eval_transform(cfg)), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, pin_memory=cuda)
     feats: list[torch.Tensor] = []
     targets: list[torch.Tensor] = []
@@ -200,14 +185,6 @@ def extract_features(model: torch.nn.Module, split: Dataset, cfg: "DataConfig", 
     if not feats:
         raise FeatureStoreError("the split is empty; there is nothing to extract")
     return torch.cat(feats), torch.cat(targets)
-
-
-def _write_atomic(obj: dict[str, Any], path: Path) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-
-    write_atomic(path, write)
 
 
 def _load(path: Path) -> dict[str, Any] | None:
@@ -266,7 +243,7 @@ def _compute(built: _Built, splits: Sequence[str], batch_size: int) -> dict[str,
             "versions": {"xfer": str(__version__), "torch": str(torch.__version__), "timm": str(timm.__version__)},
         }
         obj = {"features": x.contiguous(), "targets": y.contiguous(), "meta": meta}
-        _write_atomic(obj, path)
+        save_torch(obj, path)
         log.info("feature store: wrote %s [%d x %d] in %.1fs", path, x.shape[0], x.shape[1], meta["seconds"])
         out[split] = _as_set(obj, key)
     return out

@@ -15,7 +15,9 @@ from typing import IO, Any
 import pandas as pd
 
 from xfer import select, tracking
-from xfer.spec import SweepSpec, TrialSpec
+from xfer.layout import StorageLayout
+from xfer.spec import SweepSpec, load_spec
+from xfer.trial import TrialSpec
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +67,9 @@ def build(results: pd.DataFrame, out_dir: Path, *, uri: str | None, title: str,
     return {"files": {k: str(v) for k, v in made.files.items()}, "headline": made.headline}
 
 
-def write_report(spec: SweepSpec, uri: str, parent_run_id: str | None, storage: Path,
+def write_report(spec: SweepSpec, uri: str, parent_run_id: str | None, layout: StorageLayout,
                  report_dir: str | None = None, stream: IO[str] | None = None) -> dict[str, Any]:
-    out_dir = Path(report_dir) if report_dir else storage / "reports" / spec.name
+    out_dir = Path(report_dir) if report_dir else layout.report_dir(spec.name)
     results = results_from_mlflow(uri, spec.name, spec.grid_trials())
     made = build(results, out_dir, uri=uri, title=f"xfer study: {spec.name}", stream=stream)
     if parent_run_id:
@@ -76,7 +78,8 @@ def write_report(spec: SweepSpec, uri: str, parent_run_id: str | None, storage: 
 
 
 def report_cli(args) -> int:
-    """`xfer report --experiment NAME` (from MLflow alone) or `--from-csv FILE`."""
+    """`xfer report --experiment NAME` (from MLflow; ``--spec`` restricts selection to that sweep
+    file's grid) or `--from-csv FILE`."""
     if args.from_csv:
         from xfer import report
 
@@ -86,7 +89,8 @@ def report_cli(args) -> int:
         return 0
     uri = tracking.resolve_tracking_uri(args.tracking_uri, None)
     tracking.check_reachable(uri)
-    results = results_from_mlflow(uri, args.experiment)
+    grid = load_spec(args.spec).grid_trials() if getattr(args, "spec", None) else None
+    results = results_from_mlflow(uri, args.experiment, grid)
     out_dir = Path(args.out or Path("reports") / args.experiment)
     build(results, out_dir, uri=uri, title=f"xfer study: {args.experiment}")
     return 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
@@ -23,3 +23,29 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def save_torch(obj: Any, path: Path) -> None:
+    """``torch.save`` into place atomically (through a file object: torch may not add a suffix)."""
+    import torch
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    write_atomic(path, write)
+
+
+def save_npz(path: Path, **arrays: Any) -> None:
+    """``numpy.savez_compressed`` into place atomically (a file object: savez would append ``.npz``)."""
+    import numpy as np
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+    write_atomic(path, write)
+
+
+def write_text(path: Path, text: str) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text))

@@ -20,7 +20,6 @@ value the pretrain regime measured, or timm's published figure from the shipped 
 from __future__ import annotations
 
 import csv
-import difflib
 import hashlib
 import json
 import logging
@@ -33,11 +32,12 @@ import torch
 from torch import nn
 
 from xfer.data.transforms import INTERPOLATIONS, DataConfig
+from xfer import timm_names
 from xfer.registry import Registry
 
 if TYPE_CHECKING:
-    from xfer.regimes.base import RunContext
-    from xfer.spec import ModelSpec
+    from xfer.contract import RunContext
+    from xfer.trial import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -82,18 +82,11 @@ WEIGHT_SOURCES: "Registry[WeightLoader]" = Registry("weight source")
 
 # ------------------------------------------------------------------ architecture checks
 def check_arch(arch: str, *, pretrained: bool = False) -> None:
-    """Raise ModelLoadError for a name timm does not know (with the closest matches), or, for hub
-    weights, a pretrained tag timm does not have (with the tags it has)."""
-    import timm
-
-    base = arch.split(".")[0]
-    if not timm.is_model(base):
-        close = difflib.get_close_matches(base, timm.list_models(), n=5)
-        hint = f" Close matches: {', '.join(close)}." if close else ""
-        raise ModelLoadError(f"unknown timm architecture {arch!r}.{hint} List them with `xfer models --all`.")
-    if pretrained and "." in arch and arch not in timm.list_pretrained(arch):
-        tags = timm.list_pretrained(base + ".*")
-        raise ModelLoadError(f"timm has no pretrained tag {arch!r}; available: {', '.join(tags) or '(none)'}")
+    """ModelLoadError for an architecture (or, with ``pretrained``, a tag) timm does not have."""
+    try:
+        timm_names.check_arch(arch, pretrained=pretrained)
+    except timm_names.UnknownArchitectureError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 def _create_kwargs(model: "ModelSpec") -> dict[str, Any]:
@@ -195,8 +188,8 @@ def _from_file(model: "ModelSpec", num_classes: int, ctx: "RunContext | None", k
 
 
 def pretrain_checkpoint(model: "ModelSpec", ctx: "RunContext") -> tuple[Path, Path]:
-    """(model.pth, meta.json) of a ``weights: pretrain`` model under ``ctx.storage``."""
-    folder = ctx.checkpoint_dir(model.pretrain_trial().key)
+    """(model.pth, meta.json) of a ``weights: pretrain`` model under the run's storage."""
+    folder = ctx.layout.checkpoint_dir(model.pretrain_trial().key)
     return folder / CHECKPOINT_FILE, folder / META_FILE
 
 
@@ -218,7 +211,7 @@ def _from_pretrain(model: "ModelSpec", num_classes: int, ctx: "RunContext | None
     if meta is None or not pth.is_file():
         raise MissingCheckpointError(
             f"model {model.name!r}: no pretrain checkpoint at {pth.parent} — the pretrain stage must run first "
-            f"(`xfer sweep` runs it before the grid; storage is {ctx.storage})")
+            f"(`xfer sweep` runs it before the grid; storage is {ctx.layout.storage})")
     if meta.get("arch") != model.arch:
         raise ModelLoadError(f"pretrain checkpoint {pth} is for {meta.get('arch')!r}, not {model.arch!r}")
     module, _ = _load_through_timm(model.arch, pth, num_classes, int(meta["num_classes"]), kwargs)

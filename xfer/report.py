@@ -29,17 +29,26 @@ import numpy as np
 import pandas as pd
 
 from xfer import stats
+from xfer.regimes import REGIMES
 
 log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ["model", "dataset", "regime", "source_top1", "metric", "value"]
-OPTIONAL_COLUMNS = ["lr", "wd", "l2", "run_id", "val", "n_test", "status", "note", "n_seeds"]
+OPTIONAL_COLUMNS = ["run_id", "val", "n_test", "status", "note", "n_seeds", "<grid axes, e.g. lr, wd, l2>"]
 FRACTION_COLUMNS = ["source_top1", "value", "val"]
-REGIME_LABELS = {"finetune": "Fine-tuned", "linear_probe": "Logistic regression (frozen features)",
-                 "scratch": "Trained from random initialisation"}
-REGIME_COLORS = {"finetune": "#1f77b4", "linear_probe": "#d62728", "scratch": "#2ca02c"}
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22")
 DPI = 130
 OUTLINE = "#f76707"  # orange: visible on both ends of the heat map's colour scale
+
+
+def regime_label(regime: str) -> str:
+    """The regime's own report label (its descriptor), or its name when it is not registered."""
+    return REGIMES.get(regime).label if regime in REGIMES else regime
+
+
+def regime_color(regime: str) -> str:
+    names = REGIMES.names()
+    return PALETTE[names.index(regime) % len(PALETTE)] if regime in names else "#444"
 
 
 class ResultsTableError(ValueError):
@@ -114,7 +123,7 @@ def validate_results(df: pd.DataFrame, *, source: str = "results table", allow_p
 
 def read_results_csv(path: str | Path) -> pd.DataFrame:
     """Read a results table from CSV (the ``xfer report --from-csv`` format) and validate it.
-    Required columns: model, dataset, regime, source_top1, metric, value; optional: lr, wd, l2, run_id,
+    Required columns: model, dataset, regime, source_top1, metric, value; optional: the grid axes (lr, wd, l2, ...), run_id,
     val, n_test (test-set size, used for the log-odds clipping), status, note. Accuracies are fractions in
     [0, 1]; a column whose values all lie in (1, 100] is taken as percentages (with a logged note)."""
     p = Path(path)
@@ -150,11 +159,10 @@ def _fmt_r(h: Mapping[str, Any]) -> str:
 def _accuracy_axis(ax) -> None:
     """A right-hand axis in accuracy (%) for a log-odds y-axis."""
     def to_pct(x):
-        return 100.0 / (1.0 + np.exp(-np.asarray(x, float)))
+        return 100.0 * stats.expit(x)
 
     def to_logit(p):
-        q = np.clip(np.asarray(p, float) / 100.0, 1e-9, 1 - 1e-9)
-        return np.log(q) - np.log1p(-q)
+        return stats.logit(np.clip(np.asarray(p, float) / 100.0, 0.0, 1.0), eps=1e-9)
 
     sec = ax.secondary_yaxis("right", functions=(to_pct, to_logit))
     sec.set_ylabel("accuracy (%)")
@@ -228,7 +236,7 @@ def plot_correlation(results: pd.DataFrame, head: Mapping[str, Mapping[str, Any]
         h = head[regime]
         iv = intervals.get(regime)
         models = h["models"]
-        color = REGIME_COLORS.get(regime, "#444")
+        color = regime_color(regime)
         if models:
             x = src[models].to_numpy() * 100
             block = stats.value_matrix(results, regime).loc[models, h["datasets"]]
@@ -237,7 +245,7 @@ def plot_correlation(results: pd.DataFrame, head: Mapping[str, Mapping[str, Any]
             _scatter_fit(ax, x, y, models, color, yerr)
         else:
             ax.text(0.5, 0.5, "no complete results", ha="center", va="center", transform=ax.transAxes)
-        ax.set_title(f"{REGIME_LABELS.get(regime, regime)}\n{_fmt_r(h)}", fontsize=10)
+        ax.set_title(f"{regime_label(regime)}\n{_fmt_r(h)}", fontsize=10)
         ax.set_xlabel("source-task (e.g. ImageNet) top-1 accuracy (%)")
         ax.set_ylabel(f"mean transfer accuracy (log odds)\nover {h['n_datasets']} datasets")
         _accuracy_axis(ax)
@@ -254,7 +262,7 @@ def plot_per_dataset(results: pd.DataFrame, regime: str, per_dataset: pd.DataFra
     nrows = math.ceil(len(datasets) / ncols)
     fig = _figure(3.6 * ncols, 3.1 * nrows + 0.4)
     axes = fig.subplots(nrows, ncols, squeeze=False)
-    color = REGIME_COLORS.get(regime, "#444")
+    color = regime_color(regime)
     pd_r = per_dataset[per_dataset["regime"] == regime].set_index("dataset")
     for i, ax in enumerate(axes.flat):
         if i >= len(datasets):
@@ -273,7 +281,7 @@ def plot_per_dataset(results: pd.DataFrame, regime: str, per_dataset: pd.DataFra
             ax.set_ylabel("accuracy (log odds)")
         if i // ncols == nrows - 1 or i + ncols >= len(datasets):
             ax.set_xlabel("source top-1 (%)")
-    fig.suptitle(f"{REGIME_LABELS.get(regime, regime)}: per-dataset transfer vs source accuracy", fontsize=11)
+    fig.suptitle(f"{regime_label(regime)}: per-dataset transfer vs source accuracy", fontsize=11)
     return fig
 
 
@@ -296,8 +304,8 @@ def plot_regime_comparison(results: pd.DataFrame) -> Any:
         sub = comp[comp["dataset"] == ds].set_index("model").reindex(models)
         for regime in regimes:
             y = sub[f"acc_{regime}"].to_numpy(float) * 100
-            line, = ax.plot(xs, y, "o-", ms=4, lw=1, color=REGIME_COLORS.get(regime, None),
-                            label=REGIME_LABELS.get(regime, regime))
+            line, = ax.plot(xs, y, "o-", ms=4, lw=1, color=regime_color(regime),
+                            label=regime_label(regime))
             gone = ~np.isfinite(y)
             if gone.any():  # missing results stay visible: a cross on the x-axis in the regime's colour
                 ax.plot(xs[gone], np.full(gone.sum(), 0.03), "x", ms=7, mew=2, color=line.get_color(),
@@ -378,7 +386,7 @@ def plot_heatmap(results: pd.DataFrame, regime: str, significance: pd.DataFrame 
     else:
         note = f"bold: best; orange outline: not significantly worse than the best (α = {alpha:g})"
         note += "; † no per-example predictions, not tested" if untested else ""
-    ax.set_title(f"{REGIME_LABELS.get(regime, regime)}: test accuracy (%)\n{note}", fontsize=10)
+    ax.set_title(f"{regime_label(regime)}: test accuracy (%)\n{note}", fontsize=10)
     return fig
 
 
@@ -537,14 +545,14 @@ def build_report(results: pd.DataFrame, out_dir: str | Path,
     for regime in regimes:
         figs[f"fig_per_dataset_{_slug(regime)}"] = (
             plot_per_dataset(results, regime, per_ds),
-            f"{REGIME_LABELS.get(regime, regime)}: source top-1 vs log-odds accuracy on each dataset.")
+            f"{regime_label(regime)}: source top-1 vs log-odds accuracy on each dataset.")
     if len(regimes) > 1:
         figs["fig_regime_comparison"] = (plot_regime_comparison(results),
                                          "Test accuracy per model under each regime, per dataset.")
     for regime in regimes:
         figs[f"fig_heatmap_{_slug(regime)}"] = (
             plot_heatmap(results, regime, significance, alpha),
-            f"{REGIME_LABELS.get(regime, regime)}: test accuracy (%) per model and dataset.")
+            f"{regime_label(regime)}: test accuracy (%) per model and dataset.")
     for name, (fig, _) in figs.items():
         files[name] = _save(fig, out / f"{name}.png")
 
@@ -645,12 +653,3 @@ def build_report(results: pd.DataFrame, out_dir: str | Path,
     files["report_html"] = out / "report.html"
     log.info("report written to %s", out)
     return Report(files=files, headline=head)
-
-
-def report_main_from_csv(csv_path: str | Path, out_dir: str | Path, *, title: str | None = None) -> dict[str, Any]:
-    """``xfer report --from-csv``: read and validate the table, build the report. Returns a JSON-friendly
-    dict: {"files": name → path, "headline": per regime, "summary": printable lines}."""
-    results = read_results_csv(csv_path)
-    rep = build_report(results, out_dir, title=title or f"Transfer study report ({Path(csv_path).name})")
-    return {"files": {k: str(v) for k, v in rep.files.items()}, "headline": _json_safe(rep.headline),
-            "summary": rep.summary_lines()}

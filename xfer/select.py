@@ -9,11 +9,15 @@ Rules (all deterministic, so rerunning selection on the same runs picks the same
 
 * Only ``status == "finished"`` runs with a finite ``val`` can be chosen; diverged and failed runs
   are counted (``n_trials``) but never selected.
-* A *configuration* is the trial's grid point (lr, wd, l2). With several seeds its score is the mean
-  ``val`` over its finished seeds.
-* Tie-break, in order: higher val; smaller lr; larger l2 (stronger regularisation, the simpler
-  model); smaller wd; then the trial key (lexicographic) so that the result never depends on row
-  order. Vals are compared after rounding to 12 decimals (exact ties are common: accuracies are k/n).
+* A *configuration* is the trial's grid point: its value on every axis its regime declares
+  (``xfer.regimes``; the runs table has a column per axis). With several seeds its score is the mean
+  ``val`` over its finished seeds. Runs of one cell that agree on every axis and seed but are
+  different trials (they differ in something the table cannot show, e.g. options changed between
+  invocations) are refused with ``SelectionError`` rather than averaged.
+* Tie-break, in order: higher val; then each axis in the regime's order, the value its ``prefer``
+  names winning (e.g. smaller lr, smaller wd; larger l2: the simpler model); then the trial key
+  (lexicographic) so that the result never depends on row order. Vals are compared after rounding to
+  12 decimals (exact ties are common: accuracies are k/n).
 * A cell with no selectable run is kept with ``status="missing"`` — never dropped — so a report can
   show what is absent. Pass ``trials=`` (the sweep's grid) to also report cells that have no runs at
   all and to ignore runs of trials no longer in the sweep file.
@@ -28,19 +32,41 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from xfer.spec import TrialSpec
+from xfer.regimes import REGIMES, Axis
+from xfer.trial import TrialSpec
 
 log = logging.getLogger(__name__)
 
 Cell = tuple[str, str, str]  # (model, dataset, regime)
 CELL_COLUMNS = ["model", "dataset", "regime"]
-HPARAM_COLUMNS = ["lr", "wd", "l2"]
 RUNS_REQUIRED = ["run_id", "trial_key", "model", "dataset", "regime", "stage", "status", "val"]
-SELECTION_COLUMNS = ["model", "dataset", "regime", "status", "run_id", "trial_key", "val", "lr", "wd", "l2",
-                     "n_trials", "n_finished", "metric", "source_top1"]
-RESULTS_COLUMNS = ["model", "dataset", "regime", "source_top1", "metric", "value", "lr", "wd", "l2", "run_id",
-                   "val", "status", "n_seeds", "note"]
 VAL_DECIMALS = 12
+
+
+class SelectionError(ValueError):
+    """Runs that selection cannot tell apart or a regime whose axes it does not know."""
+
+
+def axis_columns() -> list[str]:
+    """One column per grid axis of every registered regime (the runs and results tables carry them)."""
+    return sorted({a.name for name in REGIMES.names() for a in REGIMES.get(name).axes})
+
+
+def selection_columns() -> list[str]:
+    return ["model", "dataset", "regime", "status", "run_id", "trial_key", "val", *axis_columns(),
+            "n_trials", "n_finished", "metric", "source_top1"]
+
+
+def results_columns() -> list[str]:
+    return ["model", "dataset", "regime", "source_top1", "metric", "value", *axis_columns(), "run_id", "val",
+            "status", "n_seeds", "note"]
+
+
+def regime_axes(regime: str) -> tuple[Axis, ...]:
+    if regime not in REGIMES:
+        raise SelectionError(f"runs of regime {regime!r}: no such regime is registered, so selection cannot know "
+                             f"its grid axes; registered: {', '.join(REGIMES.names())}")
+    return REGIMES.get(regime).axes
 
 
 def _check_columns(df: pd.DataFrame, required: Iterable[str], what: str) -> None:
@@ -55,7 +81,7 @@ def _check_columns(df: pd.DataFrame, required: Iterable[str], what: str) -> None
 def _with_optional(df: pd.DataFrame) -> pd.DataFrame:
     """Add the optional runs-table columns as NaN so the code below can rely on them."""
     df = df.copy()
-    for c in HPARAM_COLUMNS + ["test", "source_top1", "seed", "start_time"]:
+    for c in axis_columns() + ["test", "source_top1", "seed", "start_time"]:
         if c not in df.columns:
             df[c] = np.nan
     if "metric" not in df.columns:
@@ -67,21 +93,23 @@ def expected_cells(trials: Iterable[TrialSpec]) -> list[Cell]:
     """The (model, dataset, regime) cells a list of grid trials covers, in first-appearance order."""
     seen: dict[Cell, None] = {}
     for t in trials:
-        seen.setdefault(t.group, None)
+        seen.setdefault(t.cell, None)
     return list(seen)
 
 
-def _hp_key(lr: Any, wd: Any, l2: Any) -> tuple:
-    """A hashable configuration identity from the runs-table floats (NaN → None; 12 significant digits
-    so that a value that went through MLflow's string params still matches)."""
-    def norm(v: Any) -> float | None:
-        try:
-            f = float(v)
-        except (TypeError, ValueError):
-            return None
-        return None if math.isnan(f) else float(f"{f:.12g}")
+def _norm(v: Any) -> float | None:
+    """A runs-table float as an identity (NaN → None; 12 significant digits so that a value that went
+    through MLflow's string params still matches)."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else float(f"{f:.12g}")
 
-    return (norm(lr), norm(wd), norm(l2))
+
+def _hp_key(values: dict[str, Any], axes: Sequence[Axis]) -> tuple:
+    """The configuration: the value on each of the regime's axes, in the regime's order."""
+    return tuple(_norm(values.get(a.name)) for a in axes)
 
 
 def _time_key(start: pd.Series) -> pd.Series:
@@ -92,22 +120,32 @@ def _time_key(start: pd.Series) -> pd.Series:
     return pd.to_numeric(start, errors="coerce").astype(float).fillna(-np.inf)
 
 
-def _dedupe_by_key(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per trial_key (a re-run that was logged twice): keep the latest start_time."""
+def _dedupe_by_cell_key(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per (cell, trial_key) (a re-run that was logged twice): keep the latest start_time.
+    A trial several models share keeps one row per model."""
     if runs.empty:
         return runs
     order = runs.assign(_t=_time_key(runs["start_time"]))
     order = order.sort_values(["trial_key", "_t"], kind="mergesort")
-    return order.drop_duplicates("trial_key", keep="last").drop(columns="_t")
+    return order.drop_duplicates(CELL_COLUMNS + ["trial_key"], keep="last").drop(columns="_t")
 
 
-def _rank_key(row: dict[str, Any]) -> tuple:
+def _check_distinguishable(cell: Cell, g: pd.DataFrame) -> None:
+    """Refuse runs of one cell that agree on every axis and seed but are different trials."""
+    seeds = pd.to_numeric(g["seed"], errors="coerce").fillna(0)
+    for (hp, seed), keys in g.assign(_seed=seeds).groupby(["hp", "_seed"], sort=False)["trial_key"]:
+        if keys.nunique() > 1:
+            raise SelectionError(
+                f"{' / '.join(cell)}: runs {', '.join(sorted(keys.unique()))} have the same grid point {hp} and "
+                f"seed {int(seed)} but are different trials (options or model fields changed between sweeps, or an "
+                "axis the runs table does not show); select with the sweep file (`xfer report --spec`) or remove the "
+                "stale runs")
+
+
+def _rank_key(row: dict[str, Any], axes: Sequence[Axis]) -> tuple:
     """Sort key: smaller is better (see the module docstring for the order)."""
-    def f(v: Any, sign: float) -> float:
-        return 0.0 if v is None or (isinstance(v, float) and math.isnan(v)) else sign * float(v)
-
-    lr, wd, l2 = row["hp"]
-    return (-round(float(row["val_mean"]), VAL_DECIMALS), f(lr, 1), f(l2, -1), f(wd, 1), str(row["trial_key"]))
+    prefs = tuple(a.rank(math.nan if v is None else v) for a, v in zip(axes, row["hp"]))
+    return (-round(float(row["val_mean"]), VAL_DECIMALS), *prefs, str(row["trial_key"]))
 
 
 def _first_finite(values: pd.Series) -> float:
@@ -122,13 +160,13 @@ def select_best(runs: pd.DataFrame, stage: str = "grid", *, trials: Sequence[Tri
     ``runs`` is the runs table (``xfer.tracking.load_runs``). ``trials`` (optional, the sweep's grid
     TrialSpecs) fixes the set and order of cells — cells without any run come out as ``missing`` —
     and restricts selection to runs whose trial_key is in that grid. Returns one row per cell with
-    ``SELECTION_COLUMNS``; ``run_id``/``trial_key`` name the chosen configuration's run with the
+    ``selection_columns()``; ``run_id``/``trial_key`` name the chosen configuration's run with the
     smallest seed.
     """
     _check_columns(runs, RUNS_REQUIRED, "runs table")
     df = _with_optional(runs)
     df = df[df["stage"] == stage]
-    hp_by_key: dict[str, tuple] = {}
+    hp_by_key: dict[str, dict[str, float]] = {}
     if trials is not None:
         keys = {t.key: t for t in trials}
         outside = ~df["trial_key"].isin(keys)
@@ -136,22 +174,22 @@ def select_best(runs: pd.DataFrame, stage: str = "grid", *, trials: Sequence[Tri
             log.info("selection ignores %d %s run(s) whose trial key is not in the sweep's grid",
                      int(outside.sum()), stage)
         df = df[~outside]
-        hp_by_key = {k: _hp_key(t.hparams.get("lr"), t.hparams.get("wd"), t.hparams.get("l2"))
-                     for k, t in keys.items()}
+        hp_by_key = {k: dict(t.hparams) for k, t in keys.items()}
         cells = expected_cells(trials)
     else:
         cells = sorted({(str(m), str(d), str(r)) for m, d, r in df[CELL_COLUMNS].itertuples(index=False)})
-    df = _dedupe_by_key(df)
-    df = df.assign(hp=[hp_by_key.get(k) or _hp_key(lr, wd, l2)
-                       for k, lr, wd, l2 in df[["trial_key"] + HPARAM_COLUMNS].itertuples(index=False)])
+    df = _dedupe_by_cell_key(df)
+    df = df.assign(hp=[_hp_key(hp_by_key.get(row["trial_key"]) or row, regime_axes(row["regime"]))
+                       for row in df.to_dict("records")])
 
     groups = {cell: g for cell, g in df.groupby(CELL_COLUMNS, sort=False)}
     rows = []
     for cell in cells:
         g = groups.get(cell, df.iloc[0:0])
+        _check_distinguishable(cell, g)
         ok = g[(g["status"] == "finished") & np.isfinite(pd.to_numeric(g["val"], errors="coerce"))]
         row: dict[str, Any] = dict(zip(CELL_COLUMNS, cell), status="missing", run_id=None, trial_key=None,
-                                   val=math.nan, lr=math.nan, wd=math.nan, l2=math.nan, n_trials=len(g),
+                                   val=math.nan, **{a: math.nan for a in axis_columns()}, n_trials=len(g),
                                    n_finished=int((g["status"] == "finished").sum()),
                                    metric=next((m for m in g["metric"] if isinstance(m, str) and m), None),
                                    source_top1=_first_finite(g["source_top1"]))
@@ -163,20 +201,22 @@ def select_best(runs: pd.DataFrame, stage: str = "grid", *, trials: Sequence[Tri
                 rep = cg.sort_values(["_seed", "trial_key"], kind="mergesort").iloc[0]
                 cands.append({"hp": hp, "val_mean": float(cg["val"].mean()), "trial_key": rep["trial_key"],
                               "run_id": rep["run_id"], "rep": rep})
-            best = min(cands, key=_rank_key)
+            axes = regime_axes(cell[2])
+            best = min(cands, key=lambda c: _rank_key(c, axes))
             rep = best["rep"]
             row.update(status="selected", run_id=rep["run_id"], trial_key=rep["trial_key"], val=best["val_mean"],
-                       lr=float(rep["lr"]), wd=float(rep["wd"]), l2=float(rep["l2"]))
+                       **{a.name: v for a, v in zip(axes, best["hp"])})
         else:
             statuses = ", ".join(f"{s} {n}" for s, n in g["status"].value_counts().sort_index().items()) or "no runs"
             log.warning("no finished %s run for %s / %s / %s (%s): the cell is missing", stage, *cell, statuses)
         rows.append(row)
-    return pd.DataFrame(rows, columns=SELECTION_COLUMNS)
+    return pd.DataFrame(rows, columns=selection_columns())
 
 
 def final_trials(selection: pd.DataFrame, grid_trials: Sequence[TrialSpec]) -> list[TrialSpec]:
     """The final-stage trials: each selected grid configuration (every seed of it that the grid has)
-    with ``stage="final"``, in the grid's order. Missing cells get no final trial."""
+    with ``stage="final"``, in the grid's order, one per cell (cells that share a trial key share
+    the final run too). Missing cells get no final trial."""
     _check_columns(selection, ["model", "dataset", "regime", "status", "trial_key"], "selection")
     by_key = {t.key: t for t in grid_trials}
     chosen: dict[Cell, dict[str, float]] = {}
@@ -189,22 +229,22 @@ def final_trials(selection: pd.DataFrame, grid_trials: Sequence[TrialSpec]) -> l
                 f"selection chose trial {row.trial_key} for {row.model} / {row.dataset} / {row.regime}, "
                 "but that trial is not in the sweep's grid (was the sweep file changed since the grid ran?); "
                 "select with select_best(runs, trials=grid_trials) to consider only the current grid")
-        chosen[t.group] = dict(t.hparams)
+        chosen[t.cell] = dict(t.hparams)
     out: list[TrialSpec] = []
     seen: set[str] = set()
     for t in grid_trials:
-        if chosen.get(t.group) == dict(t.hparams):
+        if chosen.get(t.cell) == dict(t.hparams):
             f = replace(t, stage="final")
-            if f.key not in seen:
-                seen.add(f.key)
+            if (f.cell, f.key) not in seen:
+                seen.add((f.cell, f.key))
                 out.append(f)
     return out
 
 
 def _hp_match(runs: pd.DataFrame, sel: pd.Series) -> np.ndarray:
-    """Rows of ``runs`` whose (lr, wd, l2) equal the selection's (NaN matches NaN)."""
+    """Rows of ``runs`` whose values on the cell's regime axes equal the selection's."""
     ok = np.ones(len(runs), dtype=bool)
-    for c in HPARAM_COLUMNS:
+    for c in (a.name for a in regime_axes(str(sel["regime"]))):
         a = pd.to_numeric(runs[c], errors="coerce").to_numpy(dtype=float)
         b = float(sel[c]) if sel[c] is not None else math.nan
         ok &= (np.isnan(a) & np.isnan(b)) | np.isclose(a, b, rtol=1e-9, atol=0.0)
@@ -216,7 +256,7 @@ def results_table(final_runs: pd.DataFrame, selection: pd.DataFrame) -> pd.DataF
     at the selected configuration (mean over its seeds). Cells without a selection or without a
     finished final run are kept with ``value`` NaN and ``status`` ``no_selection`` / ``no_final``."""
     _check_columns(final_runs, ["run_id", "model", "dataset", "regime", "status", "test"], "final runs table")
-    _check_columns(selection, SELECTION_COLUMNS[:10], "selection")
+    _check_columns(selection, ["model", "dataset", "regime", "status", "run_id", "trial_key", "val"], "selection")
     fr = _with_optional(final_runs)
     if "stage" in fr.columns:
         fr = fr[fr["stage"] == "final"]
@@ -225,8 +265,9 @@ def results_table(final_runs: pd.DataFrame, selection: pd.DataFrame) -> pd.DataF
     for _, sel in selection.iterrows():
         cell = (sel["model"], sel["dataset"], sel["regime"])
         row: dict[str, Any] = {**dict(zip(CELL_COLUMNS, cell)), "source_top1": sel.get("source_top1", math.nan),
-                               "metric": sel.get("metric"), "value": math.nan, "lr": sel["lr"], "wd": sel["wd"],
-                               "l2": sel["l2"], "run_id": None, "val": sel["val"], "status": "no_selection",
+                               "metric": sel.get("metric"), "value": math.nan,
+                               **{a: sel.get(a, math.nan) for a in axis_columns()},
+                               "run_id": None, "val": sel["val"], "status": "no_selection",
                                "n_seeds": 0, "note": "no finished grid trial"}
         if sel["status"] == "selected":
             g = groups.get(cell, fr.iloc[0:0])
@@ -245,4 +286,4 @@ def results_table(final_runs: pd.DataFrame, selection: pd.DataFrame) -> pd.DataF
                            status="finished", n_seeds=len(ok), note="", metric=metric,
                            source_top1=src if math.isfinite(src) else row["source_top1"])
         rows.append(row)
-    return pd.DataFrame(rows, columns=RESULTS_COLUMNS)
+    return pd.DataFrame(rows, columns=results_columns())

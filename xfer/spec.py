@@ -1,176 +1,32 @@
-"""Sweep specs: a YAML study description → validated objects → trials with stable keys.
+"""Sweep files: a YAML study description → a validated ``SweepSpec`` → grid trials.
 
-A ``SweepSpec`` names models × datasets × regimes (each with a hyper-parameter grid) × seeds.
-``expand`` turns it into ``TrialSpec`` objects; ``TrialSpec.key`` is a stable hash of everything
-that changes a trial's result (never of where it runs or how it is tracked), so a key names the
-trial's MLflow run, checkpoint folder and cached features, and reruns skip finished keys.
+Every problem raises ``SpecError`` naming the key path and what is valid. What a regime accepts (its
+grid axes, their validity, its options) is read from the regime's own declaration
+(``xfer.regimes.base.Regime``), so this module names no regime's hyper-parameters. Structural mistakes
+are found before anything heavy is imported; dataset and model names are checked last (the dataset
+registry imports torch; architecture names come from a cached index of timm's names).
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-PROTOCOL_VERSION = "1"
-# regime options that change how a trial is observed, not its result: kept out of trial keys so that
-# logging more often never re-runs a finished study
-NON_RESULT_OPTIONS = frozenset({"checkpoint_every", "log_every", "eval_every"})
-WEIGHT_SOURCES = ("hub", "random", "pretrain", "file")
+from xfer.layout import LayoutError, safe_name
+from xfer.options import OptionError, is_number, unknown_key_message, yaml_number
+from xfer.regimes import REGIMES, Regime
+from xfer.timm_names import UnknownArchitectureError, check_arch
+from xfer.trial import WEIGHT_SOURCES, DatasetRef, ModelSpec, PretrainSpec, TrialSpec
 
 
 class SpecError(ValueError):
     """A spec problem; the message names the key path and what is valid."""
 
 
-def _canonical(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-
-
-def stable_hash(obj: Any, n: int = 16) -> str:
-    return hashlib.sha256(_canonical(obj).encode()).hexdigest()[:n]
-
-
-@dataclass(frozen=True)
-class PretrainSpec:
-    """How the pretrain regime makes a model's weights (source training)."""
-
-    dataset: "DatasetRef"
-    options: Mapping[str, Any]  # pretrain regime options (steps, batch_size, lr, wd, ...)
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A backbone and where its weights come from.
-
-    ``arch`` is a timm model name, optionally with a pretrained tag (``resnet50.tv_in1k``).
-    ``weights``: ``hub`` (timm's pretrained weights), ``random``, ``pretrain`` (made by the pretrain
-    regime from ``pretrain``), or ``file`` (a local state dict at ``weights_file``).
-    """
-
-    name: str
-    arch: str
-    weights: str = "hub"
-    weights_file: str | None = None
-    pretrain: PretrainSpec | None = None
-    source_top1: float | None = None  # overrides the shipped table / the measured value
-    input_size: int | None = None  # overrides the pretrained config's input size
-    paper_name: str | None = None  # the paper model this stands for, for reports
-
-    def pretrain_trial(self) -> "TrialSpec":
-        if self.pretrain is None:
-            raise SpecError(f"model {self.name!r} has no pretrain block")
-        src = replace(self, weights="random", pretrain=None, source_top1=None, name=self.name)
-        return TrialSpec(model=src, dataset=self.pretrain.dataset, regime="pretrain", hparams={},
-                         options=dict(self.pretrain.options), seed=self.pretrain.seed, stage="pretrain")
-
-    def weights_id(self) -> str:
-        """What identifies the weights (part of every trial key that uses them)."""
-        if self.weights == "pretrain":
-            return f"pretrain:{self.pretrain_trial().key}"
-        if self.weights == "file":
-            p = Path(self.weights_file or "")
-            size = p.stat().st_size if p.exists() else -1
-            return f"file:{p.resolve()}:{size}"
-        return f"{self.weights}:{self.arch}"
-
-    def key_fields(self) -> dict[str, Any]:
-        # the name is part of the key: a trial belongs to a model entry of the study (two entries with
-        # the same architecture keep separate scratch runs, and the report finds each under its name)
-        return {"name": self.name, "arch": self.arch, "weights": self.weights_id(), "input_size": self.input_size}
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @staticmethod
-    def from_dict(d: Mapping[str, Any]) -> "ModelSpec":
-        d = dict(d)
-        if d.get("pretrain"):
-            p = dict(d["pretrain"])
-            d["pretrain"] = PretrainSpec(dataset=DatasetRef.from_dict(p["dataset"]),
-                                         options=dict(p["options"]), seed=p.get("seed", 0))
-        return ModelSpec(**d)
-
-
-@dataclass(frozen=True)
-class DatasetRef:
-    """A registered dataset name plus its options (``label`` is the display name only)."""
-
-    name: str
-    options: Mapping[str, Any] = field(default_factory=dict)
-    label: str | None = None
-
-    @property
-    def display(self) -> str:
-        return self.label or self.name
-
-    def key_fields(self) -> dict[str, Any]:
-        # download/paths change where data comes from, not what it is
-        opts = {k: v for k, v in self.options.items() if k not in ("download",)}
-        return {"name": self.name, "options": opts}
-
-    @staticmethod
-    def from_dict(d: Mapping[str, Any]) -> "DatasetRef":
-        return DatasetRef(name=d["name"], options=dict(d.get("options") or {}), label=d.get("label"))
-
-
-@dataclass(frozen=True)
-class TrialSpec:
-    """One run of one regime: the unit Ray schedules and MLflow records."""
-
-    model: ModelSpec
-    dataset: DatasetRef
-    regime: str
-    hparams: Mapping[str, float]  # the grid axes: lr, wd (finetune/scratch), l2 (linear_probe)
-    options: Mapping[str, Any]  # the regime's other settings: steps, batch_size, ...
-    seed: int = 0
-    stage: str = "grid"  # grid | final | pretrain
-
-    @property
-    def key(self) -> str:
-        return stable_hash({
-            "model": self.model.key_fields(), "dataset": self.dataset.key_fields(),
-            "regime": self.regime, "hparams": dict(self.hparams),
-            "options": {k: v for k, v in self.options.items() if k not in NON_RESULT_OPTIONS},
-            "seed": self.seed, "stage": self.stage, "protocol": PROTOCOL_VERSION,
-        })
-
-    @property
-    def group(self) -> tuple[str, str, str]:
-        """The (model, dataset, regime) cell this trial belongs to (selection is per cell)."""
-        return (self.model.name, self.dataset.display, self.regime)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["hparams"] = dict(self.hparams)
-        d["options"] = dict(self.options)
-        return d
-
-    @staticmethod
-    def from_config(config: Mapping[str, Any]) -> "TrialSpec":
-        """Rebuild a trial from a Ray Tune config: ``{"trial": to_dict()}``, where a searcher (Optuna)
-        may have put sampled values of the grid axes at the top level (``{"trial": …, "lr": 0.01}``)."""
-        trial = TrialSpec.from_dict(config["trial"])
-        sampled = {k: float(config[k]) for k in trial.hparams if k in config}
-        return replace(trial, hparams={**trial.hparams, **sampled}) if sampled else trial
-
-    @staticmethod
-    def from_dict(d: Mapping[str, Any]) -> "TrialSpec":
-        return TrialSpec(model=ModelSpec.from_dict(d["model"]), dataset=DatasetRef.from_dict(d["dataset"]),
-                         regime=d["regime"], hparams=dict(d["hparams"]), options=dict(d["options"]),
-                         seed=int(d.get("seed", 0)), stage=d.get("stage", "grid"))
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading and validation. Every problem raises SpecError naming the key path and what is valid.
-# ---------------------------------------------------------------------------------------------
-
 TOP_KEYS = {
-    "name": "sweep name (one MLflow experiment per name)",
+    "name": "sweep name (one MLflow experiment per name; letters, digits, _ . -)",
     "description": "free text",
     "seeds": "list of ints (default [0])",
     "data_root": "where datasets live (default ./data)",
@@ -203,26 +59,7 @@ def _check_keys(d: Mapping[str, Any], valid: Iterable[str], path: str) -> None:
     valid = list(valid)
     for k in d:
         if k not in valid:
-            import difflib
-
-            close = difflib.get_close_matches(str(k), valid, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise SpecError(f"{path}.{k}: unknown key{hint}; valid keys: {', '.join(valid)}")
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _yaml_number(v: Any) -> Any:
-    """PyYAML (YAML 1.1) reads ``1e-4`` and ``1.0e5`` as strings; accept such strings as numbers."""
-    if isinstance(v, str):
-        try:
-            f = float(v)
-        except ValueError:
-            return v
-        return f if math.isfinite(f) else v
-    return v
+            raise SpecError(unknown_key_message(k, valid, path))
 
 
 def _expand_values(raw: Any, path: str) -> list[float]:
@@ -232,12 +69,12 @@ def _expand_values(raw: Any, path: str) -> list[float]:
     out: list[float] = []
     for i, item in enumerate(items):
         ipath = f"{path}[{i}]" if isinstance(raw, list) else path
-        item = _yaml_number(item)
-        if _is_number(item):
+        item = yaml_number(item)
+        if is_number(item):
             out.append(float(item))
         elif isinstance(item, Mapping) and set(item) == {"logspace"}:
-            ls = [_yaml_number(x) for x in item["logspace"]] if isinstance(item["logspace"], list) else item["logspace"]
-            _expect(isinstance(ls, list) and len(ls) == 3 and all(_is_number(x) for x in ls),
+            ls = [yaml_number(x) for x in item["logspace"]] if isinstance(item["logspace"], list) else item["logspace"]
+            _expect(isinstance(ls, list) and len(ls) == 3 and all(is_number(x) for x in ls),
                     ipath, f"logspace takes [start, stop, num], got {ls!r}")
             a, b, n = ls
             _expect(a > 0 and b > 0, ipath, "logspace endpoints must be > 0")
@@ -256,79 +93,38 @@ def _expand_values(raw: Any, path: str) -> list[float]:
     return out
 
 
-AXIS_RULES = {  # axis -> (predicate, description); unknown axes only need to be finite numbers
-    "lr": (lambda v: v > 0, "> 0"),
-    "l2": (lambda v: v > 0, "> 0"),
-    "wd": (lambda v: v >= 0, ">= 0"),
-}
+def _options(regime: Regime, raw: Mapping[str, Any], path: str) -> dict[str, Any]:
+    try:
+        return regime.check_options(raw, path)
+    except OptionError as e:
+        raise SpecError(str(e)) from None
 
 
-def _same_kind(v: Any, default: Any) -> bool:
-    if default is None:
-        return True
-    if isinstance(default, bool):
-        return isinstance(v, bool)
-    if isinstance(default, int):
-        return _is_number(v) and float(v).is_integer()
-    if isinstance(default, float):
-        return _is_number(v)
-    return isinstance(v, type(default))
-
-
-def _check_options(raw: Mapping[str, Any], defaults: Mapping[str, Any], path: str) -> dict[str, Any]:
-    """Regime options: known names only, values of the default's type (ints accepted for floats)."""
-    _check_keys(raw, defaults, path)
-    out = dict(defaults)
-    for k, v in raw.items():
-        d = defaults[k]
-        if isinstance(d, float):
-            v = _yaml_number(v)
-        _expect(_same_kind(v, d), f"{path}.{k}", f"expected {_type_name(d)}, got {v!r}")
-        out[k] = int(v) if isinstance(d, int) and not isinstance(d, bool) else v
-    for k in ("steps", "batch_size"):
-        if k in out and isinstance(out[k], int):
-            _expect(out[k] >= 1, f"{path}.{k}", f"must be >= 1, got {out[k]}")
-    return out
-
-
-def _dataset_ref(raw: Any, path: str) -> DatasetRef:
-    from xfer import data
+def dataset_ref(raw: Any, path: str) -> DatasetRef:
+    """A dataset entry of a spec (a name, or ``{name, label, options...}``), checked against the
+    dataset registry: known name, known options of the right kind."""
+    from xfer.data import DATASETS, dataset_option_names, resolve_options
 
     if isinstance(raw, str):
         raw = {"name": raw}
     _expect(isinstance(raw, Mapping), path, f"expected a dataset name or a mapping with 'name', got {raw!r}")
     name = raw.get("name")
     _expect(isinstance(name, str), f"{path}.name", "required (a registered dataset name)")
-    if name not in data.DATASETS:
-        raise SpecError(f"{path}.name: {data.DATASETS.unknown_message(name)}")
+    if name not in DATASETS:
+        raise SpecError(f"{path}.name: {DATASETS.unknown_message(name)}")
+    _check_keys(raw, [*sorted(dataset_option_names(name)), "name", "label"], path)
     options = {k: v for k, v in raw.items() if k not in ("name", "label")}
-    valid = sorted(data.dataset_option_names(name))
-    for k in options:
-        _expect(k in valid, f"{path}.{k}",
-                f"unknown option for dataset {name!r}; valid: {', '.join(valid) or '(none)'}, name, label")
+    try:
+        resolve_options(name, options, path)
+    except OptionError as e:
+        raise SpecError(str(e)) from None
     label = raw.get("label")
     _expect(label is None or isinstance(label, str), f"{path}.label", "must be a string")
     return DatasetRef(name=name, options=options, label=label)
 
 
-def _check_arch(arch: str, weights: str, path: str) -> None:
-    import timm
-
-    if not timm.is_model(arch):
-        import difflib
-
-        base = arch.split(".")[0]
-        close = difflib.get_close_matches(base, timm.list_models(), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise SpecError(f"{path}: unknown timm architecture {arch!r}{hint} (see `xfer models --all`)")
-    if weights == "hub" and "." in arch and arch not in timm.list_pretrained(arch):
-        tags = timm.list_pretrained(arch.split(".")[0] + ".*")
-        raise SpecError(f"{path}: timm has no pretrained tag {arch!r}; available: {', '.join(tags) or '(none)'}")
-
-
-def _model(raw: Any, path: str, seeds: list[int]) -> ModelSpec:
-    from xfer.regimes import REGIMES
-
+def model_spec(raw: Any, path: str, seeds: list[int]) -> ModelSpec:
+    """A model entry of a spec, checked (weights source, architecture name, pretrain block)."""
     _expect(isinstance(raw, Mapping), path, f"expected a mapping with name and arch, got {raw!r}")
     _check_keys(raw, MODEL_KEYS, path)
     for k in ("name", "arch"):
@@ -346,7 +142,10 @@ def _model(raw: Any, path: str, seeds: list[int]) -> ModelSpec:
     if weights == "file":
         _expect(isinstance(weights_file, str) and weights_file, f"{path}.weights_file",
                 "required when weights is 'file' (a path to a state dict)")
-    _check_arch(raw["arch"], weights, f"{path}.arch")
+    try:
+        check_arch(raw["arch"], pretrained=weights == "hub")
+    except UnknownArchitectureError as e:
+        raise SpecError(f"{path}.arch: {e}") from None
     pretrain = None
     if weights == "pretrain":
         pre = raw.get("pretrain")
@@ -354,16 +153,16 @@ def _model(raw: Any, path: str, seeds: list[int]) -> ModelSpec:
                 "required when weights is 'pretrain': {dataset: NAME, steps: N, lr: X, ...}")
         pre = dict(pre)
         _expect("dataset" in pre, f"{path}.pretrain.dataset", "required (the source dataset)")
-        ds = _dataset_ref(pre.pop("dataset"), f"{path}.pretrain.dataset")
+        ds = dataset_ref(pre.pop("dataset"), f"{path}.pretrain.dataset")
         seed = pre.pop("seed", seeds[0])
         _expect(isinstance(seed, int) and not isinstance(seed, bool), f"{path}.pretrain.seed", "expected an int")
-        opts = _check_options(pre, REGIMES.get("pretrain").options, f"{path}.pretrain")
+        opts = _options(REGIMES.get("pretrain"), pre, f"{path}.pretrain")
         pretrain = PretrainSpec(dataset=ds, options=opts, seed=seed)
     elif raw.get("pretrain") is not None:
         raise SpecError(f"{path}.pretrain: only used with weights: pretrain (weights is {weights!r})")
-    top1 = _yaml_number(raw.get("source_top1"))
+    top1 = yaml_number(raw.get("source_top1"))
     if top1 is not None:
-        _expect(_is_number(top1) and 0 <= top1 <= 1, f"{path}.source_top1",
+        _expect(is_number(top1) and 0 <= top1 <= 1, f"{path}.source_top1",
                 f"a fraction in [0, 1] (76.1% -> 0.761), got {top1!r}")
     size = raw.get("input_size")
     if size is not None:
@@ -384,32 +183,27 @@ class RegimeSpec:
 
 
 def _regime(name: str, raw: Any, path: str) -> RegimeSpec:
-    from xfer.regimes import REGIMES
-
-    if name == "pretrain":
-        raise SpecError(f"{path}: 'pretrain' is not a grid regime; give a model `weights: pretrain` "
-                        "and a `pretrain:` block instead")
     if name not in REGIMES:
         raise SpecError(f"{path}: {REGIMES.unknown_message(name)}")
     regime = REGIMES.get(name)
+    if not regime.grid:
+        raise SpecError(f"{path}: {name!r} is not a grid regime; give a model `weights: pretrain` "
+                        "and a `pretrain:` block instead")
     raw = {} if raw is None else raw
     _expect(isinstance(raw, Mapping), path, f"expected a mapping {{grid: ..., options...}}, got {raw!r}")
     raw = dict(raw)
     grid_raw = raw.pop("grid", None)
     _expect(isinstance(grid_raw, Mapping), f"{path}.grid",
-            f"required: a mapping of {', '.join(regime.axes)} to values")
-    _check_keys(grid_raw, regime.axes, f"{path}.grid")
+            f"required: a mapping of {', '.join(regime.axis_names)} to values")
+    _check_keys(grid_raw, regime.axis_names, f"{path}.grid")
     grid: dict[str, list[float]] = {}
     for axis in regime.axes:
-        _expect(axis in grid_raw, f"{path}.grid.{axis}", "missing; every axis of the regime needs values")
-        values = _expand_values(grid_raw[axis], f"{path}.grid.{axis}")
-        rule = AXIS_RULES.get(axis)
-        if rule:
-            bad = [v for v in values if not rule[0](v)]
-            _expect(not bad, f"{path}.grid.{axis}", f"values must be {rule[1]}, got {bad}")
-        grid[axis] = values
-    options = _check_options(raw, regime.options, path)
-    return RegimeSpec(name=name, grid=grid, options=options)
+        _expect(axis.name in grid_raw, f"{path}.grid.{axis.name}", "missing; every axis of the regime needs values")
+        values = _expand_values(grid_raw[axis.name], f"{path}.grid.{axis.name}")
+        bad = [v for v in values if not axis.valid(v)]
+        _expect(not bad, f"{path}.grid.{axis.name}", f"values must be {axis.rule}, got {bad}")
+        grid[axis.name] = values
+    return RegimeSpec(name=name, grid=grid, options=_options(regime, raw, path))
 
 
 @dataclass(frozen=True)
@@ -451,11 +245,12 @@ class SweepSpec:
             for m in self.models:
                 for ds in self.datasets:
                     for r in self.regimes:
+                        rule = REGIMES.get(r.name).key_rule
                         axes = list(r.grid)
                         for values in itertools.product(*(r.grid[a] for a in axes)):
                             out.append(TrialSpec(model=m, dataset=ds, regime=r.name,
                                                  hparams=dict(zip(axes, values)), options=dict(r.options),
-                                                 seed=seed, stage="grid"))
+                                                 seed=seed, stage="grid", key_rule=rule))
         return out
 
     def resources_for(self, regime: str) -> dict[str, float]:
@@ -465,25 +260,22 @@ class SweepSpec:
 
 
 def parse_spec(raw: Any, path: str | None = None) -> SweepSpec:
-    """Validate a parsed YAML document into a SweepSpec (see TOP_KEYS for the schema)."""
+    """Validate a parsed YAML document into a SweepSpec (see TOP_KEYS for the schema). Cheap checks
+    first; datasets, then models (registry and architecture names) last."""
     _expect(isinstance(raw, Mapping), "spec", f"expected a mapping at the top level, got {_type_name(raw)}")
     _check_keys(raw, TOP_KEYS, "spec")
     name = raw.get("name")
     _expect(isinstance(name, str) and name.strip(), "spec.name", "required (a non-empty string)")
+    try:
+        safe_name(name.strip(), "sweep name")
+    except LayoutError as e:
+        raise SpecError(f"spec.name: {e}") from None
     seeds = raw.get("seeds", [0])
     _expect(isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool)
                                                          for s in seeds),
             "spec.seeds", f"a non-empty list of integers, got {seeds!r}")
     for key in ("models", "datasets"):
         _expect(isinstance(raw.get(key), list) and raw.get(key), f"spec.{key}", "required: a non-empty list")
-    models = [_model(m, f"spec.models[{i}]", seeds) for i, m in enumerate(raw["models"])]
-    names = [m.name for m in models]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    _expect(not dup, "spec.models", f"model names must be unique; repeated: {', '.join(dup)}")
-    datasets = [_dataset_ref(d, f"spec.datasets[{i}]") for i, d in enumerate(raw["datasets"])]
-    labels = [d.display for d in datasets]
-    dup = sorted({n for n in labels if labels.count(n) > 1})
-    _expect(not dup, "spec.datasets", f"dataset names must be unique (give a `label`); repeated: {', '.join(dup)}")
     regimes_raw = raw.get("regimes")
     _expect(isinstance(regimes_raw, Mapping) and regimes_raw, "spec.regimes",
             "required: a mapping of regime name to {grid: ...}")
@@ -491,14 +283,12 @@ def parse_spec(raw: Any, path: str | None = None) -> SweepSpec:
 
     resources = raw.get("resources") or {}
     _expect(isinstance(resources, Mapping), "spec.resources", "expected a mapping regime -> {cpu, gpu}")
-    from xfer.regimes import REGIMES
-
     for r, res in resources.items():
         _expect(r in REGIMES, f"spec.resources.{r}", REGIMES.unknown_message(r))
         _expect(isinstance(res, Mapping), f"spec.resources.{r}", "expected {cpu: N, gpu: N}")
         _check_keys(res, RESOURCE_KEYS, f"spec.resources.{r}")
         for k, v in res.items():
-            _expect(_is_number(v) and v >= 0, f"spec.resources.{r}.{k}", f"a number >= 0, got {v!r}")
+            _expect(is_number(v) and v >= 0, f"spec.resources.{r}.{k}", f"a number >= 0, got {v!r}")
             if k == "gpu" and v > 1:
                 _expect(float(v).is_integer(), f"spec.resources.{r}.gpu", "fractions are only allowed below 1")
     search = dict(raw.get("search") or {"type": "grid"})
@@ -519,6 +309,15 @@ def parse_spec(raw: Any, path: str | None = None) -> SweepSpec:
     _expect(isinstance(raw.get("download", False), bool), "spec.download", "expected true or false")
     mc = raw.get("max_concurrent")
     _expect(mc is None or (isinstance(mc, int) and mc >= 1), "spec.max_concurrent", "an integer >= 1")
+
+    datasets = [dataset_ref(d, f"spec.datasets[{i}]") for i, d in enumerate(raw["datasets"])]
+    labels = [d.display for d in datasets]
+    dup = sorted({n for n in labels if labels.count(n) > 1})
+    _expect(not dup, "spec.datasets", f"dataset names must be unique (give a `label`); repeated: {', '.join(dup)}")
+    models = [model_spec(m, f"spec.models[{i}]", seeds) for i, m in enumerate(raw["models"])]
+    names = [m.name for m in models]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    _expect(not dup, "spec.models", f"model names must be unique; repeated: {', '.join(dup)}")
     return SweepSpec(
         name=name.strip(), models=tuple(models), datasets=tuple(datasets), regimes=tuple(regimes),
         seeds=tuple(seeds), description=raw.get("description") or "",

@@ -34,7 +34,6 @@ from scipy import stats as sps
 log = logging.getLogger(__name__)
 
 DEFAULT_EPS = 1e-4
-REGIME_ORDER = ("finetune", "linear_probe", "scratch")
 ALPHA = 0.05
 
 MetricFn = Callable[[np.ndarray, np.ndarray], float]
@@ -77,9 +76,8 @@ def expit(x: float | np.ndarray) -> float | np.ndarray:
 
 # ------------------------------------------------------------------ results table → matrices
 def regimes_in(results: pd.DataFrame) -> list[str]:
-    """The regimes of a results table: the paper's order first, then any others sorted."""
-    present = [str(r) for r in pd.unique(results["regime"])]
-    return [r for r in REGIME_ORDER if r in present] + sorted(r for r in present if r not in REGIME_ORDER)
+    """The regimes of a results table, sorted (a stable order for tables and figures)."""
+    return sorted(str(r) for r in pd.unique(results["regime"]))
 
 
 def datasets_in(results: pd.DataFrame) -> list[str]:

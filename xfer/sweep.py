@@ -8,6 +8,7 @@ The trainable is a thin adapter: it rebuilds the TrialSpec from the Ray config, 
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -18,69 +19,53 @@ from typing import IO, Any, Sequence
 
 import numpy as np
 
-from xfer.io import write_atomic
-from xfer.regimes.base import RunContext
-from xfer.spec import SweepSpec, TrialSpec, load_spec
+from xfer.contract import Reporter, RunContext
+from xfer.io import save_npz
+from xfer.layout import StorageLayout
+from xfer.spec import SweepSpec, load_spec
+from xfer.tracking import writer
+from xfer.trial import ModelSpec, TrialSpec
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class SweepPaths:
-    """Absolute locations: trial processes may run in another working directory (Tune chdirs into
-    trial folders; a Ray job unpacks its working_dir elsewhere), so nothing relative crosses to them."""
-
-    storage: Path
-    data_root: Path
-
-    @property
-    def ray(self) -> Path:
-        return self.storage / "ray"
-
-    def predictions(self, key: str) -> Path:
-        # one folder per key: the file keeps the name the tracking schema gives it (predictions.npz)
-        return self.storage / "predictions" / key / "predictions.npz"
-
-    def work_dir(self, key: str) -> Path:
-        return self.storage / "trials" / key
+SHARED = "shared_models"  # in a Ray config's trial dict: other model entries with the same trial key
 
 
-def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # a file object: savez would append ".npz" to a temporary name
-            np.savez_compressed(f, **arrays)
-
-    write_atomic(path, write)
-
-
-def execute_trial(trial: TrialSpec, paths: SweepPaths, *, download: bool, report) -> dict[str, Any]:
-    """Run one trial and turn its result into the final result dict the callbacks read.
+def execute_trial(trial: TrialSpec, layout: StorageLayout, *, download: bool, report: Reporter,
+                  shared: Sequence[ModelSpec] = ()) -> dict[str, Any]:
+    """Run one trial and turn its record into the final result the callbacks read. ``shared``: other
+    model entries whose trial is this same key (their source accuracies are recorded with it).
     Plain Python (no Ray), so the adapter's behaviour is testable without a cluster."""
     from xfer.models import source_top1
     from xfer.regimes import run_trial
 
-    ctx = RunContext(storage=paths.storage, data_root=paths.data_root, download=download,
-                     work_dir=paths.work_dir(trial.key), report=report)
-    result = run_trial(trial, ctx)
-    artifacts = dict(result.artifacts)
-    if trial.stage == "final" and result.scores is not None and result.targets is not None:
-        pred = paths.predictions(trial.key)
-        _save_npz_atomic(pred, scores=np.asarray(result.scores), targets=np.asarray(result.targets))
-        artifacts["predictions"] = str(pred)
-    metrics = dict(result.metrics)
-    if "source_top1" not in metrics and result.status == "finished":
+    ctx = RunContext(layout=layout, download=download, work_dir=layout.work_dir(trial.key), report=report)
+    record = run_trial(trial, ctx)
+    if trial.stage == "final" and record.scores is not None and record.targets is not None:
+        pred = layout.predictions(trial.key)
+        save_npz(pred, scores=np.asarray(record.scores), targets=np.asarray(record.targets))
+        record.artifacts["predictions"] = str(pred)
+
+    def top1(model: ModelSpec) -> float | None:
         try:
-            top1 = source_top1(trial.model, ctx)
+            return source_top1(model, ctx)
         except Exception as e:  # noqa: BLE001 - a missing table entry must not fail a finished trial
-            log.warning("no source accuracy for %s: %s", trial.model.name, e)
-            top1 = None
-        if top1 is not None:
-            metrics["source_top1"] = float(top1)
-    objective = metrics.get(f"val_{result.metric}") if result.status == "finished" else None
-    return {"xfer_final": True, "xfer_step": int(result.steps_done), "status": result.status,
-            "message": result.message, "metric": result.metric, "artifacts": artifacts,
-            # what a searcher (Optuna) maximises; a diverged or failed trial is the worst outcome
-            "xfer_objective": float(objective) if objective is not None else 0.0, **metrics}
+            log.warning("no source accuracy for %s: %s", model.name, e)
+            return None
+
+    if "source_top1" not in record.metrics and record.status == "finished":
+        value = top1(trial.model)
+        if value is not None:
+            record.metrics["source_top1"] = float(value)
+    result: dict[str, Any] = {writer.FINAL: True, writer.STEP: int(record.steps_done),
+                              writer.RECORD: json.dumps(record.to_json()),
+                              # a diverged or failed trial is a searcher's worst outcome
+                              writer.OBJECTIVE: record.objective() or 0.0}
+    if shared:
+        models = {trial.model.name: record.metrics.get("source_top1")}
+        models.update({m.name: top1(m) for m in shared})
+        result[writer.MODELS] = json.dumps(models)
+    return result
 
 
 def _trainable(config: dict[str, Any], *, storage: str, data_root: str, download: bool) -> None:
@@ -91,16 +76,32 @@ def _trainable(config: dict[str, Any], *, storage: str, data_root: str, download
     cpus = int(os.environ.get("OMP_NUM_THREADS", "1") or 1)
     torch.set_num_threads(max(1, cpus))
     trial = TrialSpec.from_config(config)
-    paths = SweepPaths(Path(storage), Path(data_root))
-
-    latest = {"xfer_objective": 0.0}  # searchers read an objective from every report, not just the last
+    shared = [ModelSpec.from_dict(m) for m in config["trial"].get(SHARED, [])]
+    latest = {writer.OBJECTIVE: 0.0}  # searchers read an objective from every report, not just the last
 
     def report(step: int, metrics: dict[str, float]) -> None:
         values = {k: float(v) for k, v in metrics.items()}
-        latest.update({"xfer_objective": v for k, v in values.items() if k.startswith("val_")})
-        tune.report({"xfer_step": int(step), **values, **latest})
+        latest.update({writer.OBJECTIVE: v for k, v in values.items() if k.startswith("val_")})
+        tune.report({writer.STEP: int(step), **values, **latest})
 
-    tune.report(execute_trial(trial, paths, download=download, report=report))
+    tune.report(execute_trial(trial, StorageLayout(Path(storage), Path(data_root)), download=download,
+                              report=report, shared=shared))
+
+
+def trial_configs(trials: Sequence[TrialSpec]) -> list[dict[str, Any]]:
+    """One Ray config per distinct key, in first-appearance order; model entries whose trial has the
+    same key (a regime whose identity ignores the weights) ride along under ``shared_models``."""
+    by_key: dict[str, list[TrialSpec]] = {}
+    for t in trials:
+        by_key.setdefault(t.key, []).append(t)
+    out = []
+    for ts in by_key.values():
+        d = ts[0].to_dict()
+        others = [t.model.to_dict() for t in ts[1:] if t.model.name != ts[0].model.name]
+        if others:
+            d[SHARED] = others
+        out.append(d)
+    return out
 
 
 def _compute_features(trial_dict: dict[str, Any], storage: str, data_root: str, download: bool) -> str:
@@ -108,7 +109,7 @@ def _compute_features(trial_dict: dict[str, Any], storage: str, data_root: str, 
     from xfer import features
 
     trial = TrialSpec.from_dict(trial_dict)
-    ctx = RunContext(storage=Path(storage), data_root=Path(data_root), download=download)
+    ctx = RunContext.local(storage, data_root, download=download)
     # the grid reads train/val and the final stage trainval/test: all four in one backbone build
     features.precompute(trial, ctx, stages=("grid", "final"))
     return trial.key
@@ -162,8 +163,8 @@ def _resources(spec: SweepSpec):
 
 
 def _trial_dirname(trial) -> str:
-    t = trial.config["trial"]
-    return f"{t['regime']}-{TrialSpec.from_config(trial.config).key}"
+    t = TrialSpec.from_config(trial.config)
+    return f"{t.regime}-{t.key}"
 
 
 def _quiet_ray_tune() -> None:
@@ -174,7 +175,7 @@ def _quiet_ray_tune() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _tune_parts(spec: SweepSpec, paths: SweepPaths):
+def _tune_parts(spec: SweepSpec, paths: StorageLayout):
     from ray import tune
 
     trainable = tune.with_resources(
@@ -193,7 +194,7 @@ def _tune_config(spec: SweepSpec, max_concurrent: int | None, **kw):
                            trial_dirname_creator=_trial_dirname, trial_name_creator=_trial_dirname, **kw)
 
 
-def _run_config(name: str, paths: SweepPaths, callbacks: list):
+def _run_config(name: str, paths: StorageLayout, callbacks: list):
     from ray import tune
 
     return tune.RunConfig(name=name, storage_path=str(paths.ray), callbacks=callbacks, verbose=0,
@@ -217,7 +218,7 @@ def _fit(tuner, stage: str, spec: SweepSpec) -> dict[str, int]:
     return statuses
 
 
-def run_stage(stage: str, trials: Sequence[TrialSpec], *, spec: SweepSpec, paths: SweepPaths, tracker,
+def run_stage(stage: str, trials: Sequence[TrialSpec], *, spec: SweepSpec, paths: StorageLayout, tracker,
               resume: bool = False, max_concurrent: int | None = None, quiet: bool = False,
               stream: IO[str] | None = None, rerun: set[str] = frozenset()) -> StageOutcome:
     """Run ``trials`` as one Tune experiment (a grid over the trial list), skipping keys MLflow
@@ -231,16 +232,19 @@ def run_stage(stage: str, trials: Sequence[TrialSpec], *, spec: SweepSpec, paths
     out = stream or sys.stdout
     t0 = time.perf_counter()
     done = tracking.finished_keys(tracker.uri, tracker.experiment_name, stage)
+    keys = {t.key for t in trials}
     todo = [t for t in trials if t.key not in done or t.key in rerun]
-    print(f"{stage}: {len(trials)} trials — {len(trials) - len(todo)} done, {len(todo)} to run", file=out, flush=True)
+    n_todo = len({t.key for t in todo})
+    shared = f" ({len(trials)} cells share {len(keys)} trials)" if len(keys) < len(trials) else ""
+    print(f"{stage}: {len(keys)} trials{shared} — {len(keys) - n_todo} done, {n_todo} to run", file=out, flush=True)
     exp_name = f"{spec.name}-{stage}"
     exp_path = paths.ray / exp_name
     restoring = resume and tune.Tuner.can_restore(str(exp_path))
     if not todo and not restoring:
-        return StageOutcome(stage, len(trials), len(trials), 0, time.perf_counter() - t0)
+        return StageOutcome(stage, len(keys), len(keys), 0, time.perf_counter() - t0)
 
     trainable = _tune_parts(spec, paths)
-    callbacks = [tracker.callback(), ProgressCallback(stage, len(todo), stream=out, quiet=quiet)]
+    callbacks = [tracker.callback(), ProgressCallback(stage, n_todo, stream=out, quiet=quiet)]
     if restoring:
         print(f"{stage}: resuming the Tune experiment at {exp_path}", file=out, flush=True)
         tuner = tune.Tuner.restore(str(exp_path), trainable, resume_unfinished=True, resume_errored=True)
@@ -248,14 +252,14 @@ def run_stage(stage: str, trials: Sequence[TrialSpec], *, spec: SweepSpec, paths
         # this invocation has its own parent run and progress view. No public setter exists.
         tuner._local_tuner._run_config.callbacks = callbacks  # noqa: SLF001
     else:
-        tuner = tune.Tuner(trainable, param_space={"trial": tune.grid_search([t.to_dict() for t in todo])},
+        tuner = tune.Tuner(trainable, param_space={"trial": tune.grid_search(trial_configs(todo))},
                            tune_config=_tune_config(spec, max_concurrent),
                            run_config=_run_config(exp_name, paths, callbacks))
     statuses = _fit(tuner, stage, spec)
-    return StageOutcome(stage, len(trials), len(trials) - len(todo), len(todo), time.perf_counter() - t0, statuses)
+    return StageOutcome(stage, len(keys), len(keys) - n_todo, n_todo, time.perf_counter() - t0, statuses)
 
 
-def run_search(trials: Sequence[TrialSpec], *, spec: SweepSpec, paths: SweepPaths, tracker,
+def run_search(trials: Sequence[TrialSpec], *, spec: SweepSpec, paths: StorageLayout, tracker,
                max_concurrent: int | None = None, quiet: bool = False, stream: IO[str] | None = None,
                resume: bool = False) -> StageOutcome:
     """``search: {type: optuna, num_samples: N}``: instead of the full grid, Optuna's TPE picks N
@@ -276,7 +280,7 @@ def run_search(trials: Sequence[TrialSpec], *, spec: SweepSpec, paths: SweepPath
     done = tracking.finished_keys(tracker.uri, tracker.experiment_name, "grid")
     cells: dict[tuple, list[TrialSpec]] = {}
     for t in trials:
-        cells.setdefault(t.group + (t.seed,), []).append(t)
+        cells.setdefault(t.cell + (t.seed,), []).append(t)
     todo = {c: max(0, min(n, len(ts)) - sum(t.key in done for t in ts)) for c, ts in cells.items()}
     total, left = sum(min(n, len(ts)) for ts in cells.values()), sum(todo.values())
     print(f"grid (optuna, {n} per cell): {total} trials — {total - left} done, {left} to run", file=out, flush=True)
@@ -287,7 +291,7 @@ def run_search(trials: Sequence[TrialSpec], *, spec: SweepSpec, paths: SweepPath
         if not todo[cell]:
             continue
         base = ts[0]
-        space = {"trial": base.to_dict(),
+        space = {"trial": trial_configs([base])[0],
                  **{axis: tune.choice(sorted({t.hparams[axis] for t in ts})) for axis in base.hparams}}
         searcher = OptunaSearch(metric="xfer_objective", mode="max", seed=seed)
         tuner = tune.Tuner(
@@ -300,7 +304,7 @@ def run_search(trials: Sequence[TrialSpec], *, spec: SweepSpec, paths: SweepPath
     return StageOutcome("grid", total, total - left, left, time.perf_counter() - t0, statuses)
 
 
-def run_features(trials: Sequence[TrialSpec], *, spec: SweepSpec, paths: SweepPaths,
+def run_features(trials: Sequence[TrialSpec], *, spec: SweepSpec, paths: StorageLayout,
                  stream: IO[str] | None = None) -> int:
     """Compute frozen features once per (weights, dataset) for every linear-probe trial, in parallel
     Ray tasks, before the grid (so the 45-value λ grid never recomputes them)."""
@@ -309,17 +313,19 @@ def run_features(trials: Sequence[TrialSpec], *, spec: SweepSpec, paths: SweepPa
     from xfer import features
 
     out = stream or sys.stdout
-    ctx = RunContext(storage=paths.storage, data_root=paths.data_root, download=spec.download)
+    from xfer.regimes import REGIMES
+
+    ctx = RunContext(layout=paths, download=spec.download)
     need: dict[str, TrialSpec] = {}
     for t in trials:
-        if t.regime != "linear_probe":
+        if not REGIMES.get(t.regime).uses_features:
             continue
         keys = tuple(features.feature_key(t.model, t.dataset, split, ctx) for split in ("train", "val", "trainval", "test"))
-        if not all((ctx.features_dir() / f"{k}.pt").exists() for k in keys):
+        if not all(paths.feature_file(k).exists() for k in keys):
             need.setdefault("|".join(keys), t)
     if not need:
         return 0
-    res = spec.resources_for("linear_probe")
+    res = spec.resources_for(next(iter(need.values())).regime)
     task = ray.remote(num_cpus=res["cpu"], num_gpus=res["gpu"], max_retries=1)(_compute_features)
     print(f"features: computing {len(need)} frozen-feature sets", file=out, flush=True)
     refs = [task.remote(t.to_dict(), str(paths.storage), str(paths.data_root), spec.download) for t in need.values()]
@@ -339,27 +345,20 @@ class SweepResult:
     report: dict[str, Any] | None = None
 
 
-def _abs_sqlite(uri: str) -> str:
-    """Make a relative sqlite URI absolute, so the UI hint works from anywhere."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(Path(uri[len(prefix):]).resolve())
-    return uri
-
-
 def run_sweep(spec: SweepSpec, *, tracking_uri: str | None = None, address: str | None = None,
               storage: str | None = None, data_root: str | None = None, resume: bool = False,
               final: bool | None = None, max_concurrent: int | None = None, report_dir: str | None = None,
               quiet: bool = False, stream: IO[str] | None = None) -> SweepResult:
     from xfer import tracking
+    from xfer.tracking.writer import SweepTracker
 
     out = stream or sys.stdout
-    uri = _abs_sqlite(tracking.resolve_tracking_uri(tracking_uri, spec.tracking_uri))
+    uri = tracking.absolute_sqlite(tracking.resolve_tracking_uri(tracking_uri, spec.tracking_uri))
     tracking.check_reachable(uri)
-    paths = SweepPaths(Path(storage or spec.storage).resolve(), Path(data_root or spec.data_root).resolve())
+    paths = StorageLayout(Path(storage or spec.storage), Path(data_root or spec.data_root))
     paths.storage.mkdir(parents=True, exist_ok=True)
     where = connect_ray(address)
-    tracker = tracking.SweepTracker(uri, spec.name)
+    tracker = SweepTracker(uri, spec.name)
     from xfer.spec import plan
 
     summary = {k: v for k, v in plan(spec).items() if k != "by_model_dataset"}
@@ -374,7 +373,9 @@ def run_sweep(spec: SweepSpec, *, tracking_uri: str | None = None, address: str 
         if pre:
             # a pretrain trial counts as done only if its checkpoint is on *this* storage too; a new
             # storage path re-makes checkpoints (into the same MLflow run, found by key)
-            missing = {t.key for t in pre if not (paths.storage / "checkpoints" / t.key / "model.pth").exists()}
+            from xfer.models import CHECKPOINT_FILE
+
+            missing = {t.key for t in pre if not (paths.checkpoint_dir(t.key) / CHECKPOINT_FILE).exists()}
             stages.append(run_stage("pretrain", pre, rerun=missing, **kw))
         grid = spec.grid_trials()
         run_features(grid, spec=spec, paths=paths, stream=out)
@@ -388,7 +389,7 @@ def run_sweep(spec: SweepSpec, *, tracking_uri: str | None = None, address: str 
 
             finals = final_stage.final_trials_for(spec, uri, stream=out)
             stages.append(run_stage("final", finals, **kw))
-            report = final_stage.write_report(spec, uri, parent, paths.storage, report_dir=report_dir, stream=out)
+            report = final_stage.write_report(spec, uri, parent, paths, report_dir=report_dir, stream=out)
         status = "finished"
         return SweepResult(spec.name, uri, parent, stages, report)
     except (SweepInterrupted, KeyboardInterrupt):

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from xfer.data import DATASETS, DatasetEntry
+from xfer.data.registry import DATASETS, DatasetEntry
 from xfer.data.base import DatasetInfo
 from xfer.data.splits import ArrayPool, Part, SplitDataset, stratified_holdout
 

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from xfer.data import DATASETS, DatasetEntry, DatasetNotFoundError
+from xfer.data.registry import DATASETS, DatasetEntry, DatasetNotFoundError
 from xfer.data.base import DatasetInfo
 from xfer.data.splits import Part, SplitDataset, heldout_parts
 

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from xfer.data.base import SPLITS, DatasetInfo, SplitName
-from xfer.spec import stable_hash
+from xfer.hashing import stable_hash
 
 log = logging.getLogger(__name__)
 

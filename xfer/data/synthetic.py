@@ -44,7 +44,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from xfer.data import DATASETS, DatasetEntry
+from xfer.data.registry import DATASETS, DatasetEntry
 from xfer.data.base import DatasetInfo
 from xfer.data.splits import ArrayPool, Part, SplitDataset, heldout_parts
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from typing import Any, Callable
+
 import torch
+from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode, v2
 
 # the modes torchvision supports on tensors (images become tensors before resizing, whatever came in)
@@ -78,3 +81,17 @@ def eval_transform(cfg: DataConfig) -> v2.Compose:
         v2.CenterCrop(cfg.input_size),
         *_to_float(cfg),
     ])
+
+
+class Transformed(Dataset):
+    """A split with a transform applied to each image (targets pass through; batches collate)."""
+
+    def __init__(self, base: Dataset, transform: Callable) -> None:
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
+        image, target = self.base[index]
+        return self.transform(image), target

@@ -17,15 +17,27 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
-import torchvision
 from torch.utils.data import Dataset
 
-from xfer.data import DATASETS, DatasetEntry, DatasetNotFoundError
+from xfer.data.registry import DATASETS, DatasetEntry, DatasetNotFoundError
 from xfer.data.base import DatasetInfo
 from xfer.data.folder import FileImages, ImageReadError, load_rgb
 from xfer.data.splits import ArrayPool, Part, SplitDataset, heldout_parts, per_class_sample, stratified_holdout
 
 log = logging.getLogger(__name__)
+
+
+class _Torchvision:
+    """torchvision, imported on first use: registering the paper's datasets (every ``xfer plan``)
+    must not pay for importing it."""
+
+    def __getattr__(self, name: str) -> Any:
+        import torchvision as tv
+
+        return getattr(tv, name)
+
+
+torchvision = _Torchvision()
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
@@ -91,12 +103,13 @@ def _file_pool(ds: Any, files: str = "_image_files", labels: str = "_labels") ->
 
 
 # ------------------------------------------------------------------------------------------ loaders
-def _cifar(cls: Callable[..., Any], expected: str) -> Callable[..., Loaded]:
+def _cifar(cls: str, expected: str) -> Callable[..., Loaded]:
+    """CIFAR-10/100 (``cls``: the torchvision dataset class name)."""
     def load(name: str, root: Path, download: bool, opts: Mapping[str, Any]) -> Loaded:
         pools: Pools = {}
         classes: list[str] = []
         for split, train in (("train", True), ("test", False)):
-            ds = _open(cls, name, root, download, expected, train=train)
+            ds = _open(getattr(torchvision.datasets, cls), name, root, download, expected, train=train)
             images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
             pools[split] = ArrayPool(images, np.asarray(ds.targets, dtype=np.int64))
             classes = list(ds.classes)
@@ -324,9 +337,9 @@ HELDOUT_HELP = {"val_fraction": "fraction of each class held out from train as v
 # name: (classes, metric, val_rule, loader, options, description)
 _TABLE: dict[str, tuple[int, str, str, Callable[..., Loaded], dict[str, Any], str]] = {
     "food101": (101, "top1", "heldout", _food101, HELDOUT, "Food-101 (Bossard et al. 2014)"),
-    "cifar10": (10, "top1", "heldout", _cifar(torchvision.datasets.CIFAR10, "{root}/cifar-10-batches-py"),
+    "cifar10": (10, "top1", "heldout", _cifar("CIFAR10", "{root}/cifar-10-batches-py"),
                 HELDOUT, "CIFAR-10"),
-    "cifar100": (100, "top1", "heldout", _cifar(torchvision.datasets.CIFAR100, "{root}/cifar-100-python"),
+    "cifar100": (100, "top1", "heldout", _cifar("CIFAR100", "{root}/cifar-100-python"),
                  HELDOUT, "CIFAR-100"),
     "sun397": (397, "top1", "heldout", _sun397, {**HELDOUT, "partition": 1},
                "SUN397 split 1 (Partitions/Training_01, Testing_01)"),

@@ -1,27 +1,41 @@
-"""Regimes: one module each, one interface (``base.Regime``), one registry (``REGIMES``)."""
+"""Regimes: one module each, one descriptor class (``base.Regime``), one registry (``REGIMES``).
+
+A new regime is one module that subclasses ``Regime`` and adds an instance to ``REGIMES``, plus its
+import line below; nothing else in xfer names regimes.
+"""
 from __future__ import annotations
 
 import logging
+import time
 import traceback
+from typing import TYPE_CHECKING
 
-from xfer.regimes.base import REGIMES, Diverged, Regime, RunContext, TrialResult, splits_for
-from xfer.regimes import finetune, linear_probe, pretrain  # noqa: F401  (they register themselves)
+from xfer.contract import Diverged, RunContext, TrialRecord
+from xfer.regimes.base import REGIMES, Axis, Option, Regime
+from xfer.regimes import finetune, linear_probe, pretrain  # noqa: E402,F401  (they register themselves)
+
+if TYPE_CHECKING:
+    from xfer.trial import TrialSpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["REGIMES", "Diverged", "Regime", "RunContext", "TrialResult", "splits_for", "run_trial"]
+__all__ = ["REGIMES", "Axis", "Option", "Regime", "run_trial"]
 
 
-def run_trial(trial, ctx: RunContext) -> TrialResult:
+def run_trial(trial: "TrialSpec", ctx: RunContext) -> TrialRecord:
     """Run one trial; never raises for a bad trial. A non-finite loss → ``diverged``, any other
-    error → ``failed`` with the message (the sweep goes on; the tracking run records why)."""
-    regime = REGIMES.get(trial.regime)
+    error → ``failed`` with the message (the sweep goes on; the tracking run records why). The
+    record's ``seconds`` is the trial's own wall time."""
+    t0 = time.perf_counter()
     try:
-        return regime.run(trial, ctx)
+        regime = REGIMES.get(trial.regime)
+        record = regime.run(trial, ctx)
     except Diverged as e:
-        return TrialResult(status="diverged", message=str(e))
+        record = TrialRecord(status="diverged", message=str(e))
     except KeyboardInterrupt:
         raise
     except Exception as e:  # noqa: BLE001 - a trial's failure must not end the sweep
         log.error("trial %s failed: %s\n%s", trial.key, e, traceback.format_exc())
-        return TrialResult(status="failed", message=f"{type(e).__name__}: {e}")
+        record = TrialRecord(status="failed", message=f"{type(e).__name__}: {e}")
+    record.seconds = time.perf_counter() - t0
+    return record

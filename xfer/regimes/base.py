@@ -1,109 +1,139 @@
-"""The one interface every regime implements, and the stage → split rule.
+"""The regime descriptor: one object per regime is the single source of truth for what it takes.
 
-Regimes are plain PyTorch: nothing here or in a regime module imports Ray or MLflow, so a regime can
-be run and tested on its own (``xfer trial``). The Ray trainable and the MLflow callback are thin
-adapters around ``run_trial``.
+A regime declares its grid **axes** (name, validity rule, how values print, which way selection
+breaks ties), its **options** with typed defaults, whether it reads frozen features, its report label,
+and its **identity** — which fields of the model enter a trial's key. Spec validation, ``xfer trial``
+flags, MLflow params, selection, the results table and the report all read these declarations, so a new
+regime (or a new axis) is one module.
+
+Regimes are plain PyTorch: nothing here or in a regime module imports Ray or MLflow, and heavy imports
+(torch, timm) happen inside ``run`` so that validating a spec stays cheap.
 """
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-import numpy as np
-
+from xfer.contract import RunContext, TrialRecord
+from xfer.options import OptionError, check_options, is_number
 from xfer.registry import Registry
+from xfer.trial import DEFAULT_KEY_RULE, KeyRule
 
 if TYPE_CHECKING:
-    from xfer.spec import TrialSpec
-
-log = logging.getLogger(__name__)
-
-STATUSES = ("finished", "diverged", "failed")
-
-# name -> Regime instance; each regime module adds itself (REGIMES.add("finetune", FineTune()))
-REGIMES: "Registry[Regime]" = Registry("regime")
+    from xfer.trial import TrialSpec
 
 
 @dataclass(frozen=True)
-class Splits:
-    train: str
-    eval: str
-    prefix: str  # metric name prefix: "val" or "test"
+class Axis:
+    """One hyper-parameter of a regime's grid.
 
-
-def splits_for(stage: str) -> Splits:
-    """Which data a stage may touch. This is the only place that decides it: grid trials never
-    see test; the final stage retrains on train+val and evaluates test once; source training
-    (pretrain) trains on the source's train+val and reports its test top-1 as *source accuracy*."""
-    if stage == "grid":
-        return Splits("train", "val", "val")
-    if stage in ("final", "pretrain"):
-        return Splits("trainval", "test", "test")
-    raise ValueError(f"unknown stage {stage!r}; valid: grid, final, pretrain")
-
-
-Reporter = Callable[[int, dict[str, float]], None]
-
-
-def _no_report(step: int, metrics: dict[str, float]) -> None:
-    return None
-
-
-@dataclass
-class RunContext:
-    """Where a trial reads and writes; everything result-changing lives in the TrialSpec instead."""
-
-    storage: Path  # root for checkpoints/<key>/ and features/<key>.pt (shared by all trials)
-    data_root: Path  # where datasets live / are downloaded to
-    download: bool = False
-    device: str = "auto"  # "auto" picks cuda when available
-    work_dir: Path | None = None  # per-trial folder for periodic checkpoints (exact resume)
-    report: Reporter = _no_report  # per-step metrics (train_loss, val_<metric>) for tracking/progress
-    num_workers: int = 0  # DataLoader workers
-
-    def resolved_device(self) -> str:
-        if self.device != "auto":
-            return self.device
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-
-    def checkpoint_dir(self, key: str) -> Path:
-        return Path(self.storage) / "checkpoints" / key
-
-    def features_dir(self) -> Path:
-        return Path(self.storage) / "features"
-
-
-@dataclass
-class TrialResult:
-    status: str  # one of STATUSES
-    metrics: dict[str, float] = field(default_factory=dict)  # e.g. val_top1, train_loss, source_top1
-    metric: str = ""  # the dataset's metric name ("top1", "mean_per_class", "map11")
-    message: str = ""  # why it diverged / failed
-    steps_done: int = 0
-    # per-example outputs on the evaluated split (final stage keeps them for significance tests)
-    scores: np.ndarray | None = None  # [N, C] logits / decision values
-    targets: np.ndarray | None = None  # [N] class ids or [N, C] multi-hot
-    artifacts: dict[str, str] = field(default_factory=dict)  # name -> path (e.g. pretrain checkpoint)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"status": self.status, "metric": self.metric, "message": self.message,
-                "steps_done": self.steps_done, **self.metrics}
-
-
-class Regime(Protocol):
-    """A training regime. ``axes`` are its grid's hyper-parameters; ``options`` its other settings
-    with defaults (a spec may override them; unknown ones are errors)."""
+    ``valid``/``rule`` check a value (and say what is valid); ``prefer`` breaks ties between equally
+    good configurations in selection (``smaller`` or ``larger`` wins); ``fmt`` prints a value.
+    """
 
     name: str
-    axes: tuple[str, ...]
-    options: dict[str, Any]
+    help: str
+    valid: Callable[[float], bool] = math.isfinite
+    rule: str = "a finite number"
+    prefer: str = "smaller"
+    fmt: str = ".3g"
 
-    def run(self, trial: "TrialSpec", ctx: RunContext) -> TrialResult: ...
+    def __post_init__(self) -> None:
+        if self.prefer not in ("smaller", "larger"):
+            raise ValueError(f"axis {self.name}: prefer must be 'smaller' or 'larger', got {self.prefer!r}")
+
+    def check(self, value: Any, path: str) -> float:
+        if not is_number(value) or not self.valid(float(value)):
+            raise OptionError(f"{path}: {self.name} must be {self.rule}, got {value!r}")
+        return float(value)
+
+    def format(self, value: float) -> str:
+        return f"{self.name}={value:{self.fmt}}"
+
+    def rank(self, value: float) -> float:
+        """Sort key where smaller is preferred (NaN last)."""
+        if value is None or math.isnan(value):
+            return math.inf
+        return value if self.prefer == "smaller" else -value
 
 
-class Diverged(Exception):
-    """Raised inside a regime when the loss stops being finite; run_trial turns it into a status."""
+@dataclass(frozen=True)
+class Option:
+    """A regime setting that is not a grid axis. ``affects_result=False`` options (logging and
+    checkpoint cadence) stay out of trial keys, so observing a study more closely never re-runs it."""
+
+    name: str
+    default: Any
+    help: str = ""
+    affects_result: bool = True
+    minimum: float | None = None
+
+
+class Regime:
+    """Base class of every regime; subclasses set the class attributes and implement ``run``."""
+
+    name: str = ""
+    label: str = ""  # how reports name it
+    axes: tuple[Axis, ...] = ()
+    options: tuple[Option, ...] = ()
+    uses_features: bool = False  # reads the feature store (the sweep fills it before the grid)
+    grid: bool = True  # False: not a grid regime (pretrain runs from a model's `pretrain:` block)
+    model_identity: tuple[str, ...] = DEFAULT_KEY_RULE.model  # model fields its trial key hashes
+
+    # -- declarations, derived --------------------------------------------------------------------
+    @property
+    def axis_names(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.axes)
+
+    def axis(self, name: str) -> Axis:
+        for a in self.axes:
+            if a.name == name:
+                return a
+        raise KeyError(f"regime {self.name!r} has no axis {name!r}; its axes: {', '.join(self.axis_names) or 'none'}")
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return {o.name: o.default for o in self.options}
+
+    @property
+    def key_rule(self) -> KeyRule:
+        return KeyRule(model=tuple(self.model_identity),
+                       ignore_options=tuple(sorted(o.name for o in self.options if not o.affects_result)))
+
+    def check_options(self, raw: Mapping[str, Any], path: str) -> dict[str, Any]:
+        """The defaults overlaid with ``raw``; unknown names, wrong kinds and values below an option's
+        minimum are OptionErrors naming ``path``."""
+        out = check_options(raw, self.defaults, path)
+        for o in self.options:
+            if o.minimum is not None and is_number(out[o.name]) and out[o.name] < o.minimum:
+                raise OptionError(f"{path}.{o.name}: must be >= {o.minimum:g}, got {out[o.name]!r}")
+        return out
+
+    def check_hparams(self, hparams: Mapping[str, Any], path: str) -> dict[str, float]:
+        """Exactly this regime's axes, each valid."""
+        extra = sorted(set(hparams) - set(self.axis_names))
+        missing = [a for a in self.axis_names if a not in hparams]
+        if extra or missing:
+            raise OptionError(f"{path}: regime {self.name!r} takes the hyper-parameters "
+                              f"{', '.join(self.axis_names) or '(none)'}; got {', '.join(sorted(hparams)) or 'none'}")
+        return {a.name: a.check(hparams[a.name], f"{path}.{a.name}") for a in self.axes}
+
+    def describe(self, hparams: Mapping[str, float]) -> str:
+        return " ".join(self.axis(k).format(v) for k, v in hparams.items() if k in self.axis_names)
+
+    # -- behaviour --------------------------------------------------------------------------------
+    def run(self, trial: "TrialSpec", ctx: RunContext) -> TrialRecord:
+        raise NotImplementedError
+
+
+# name -> Regime instance; each regime module adds itself
+REGIMES: "Registry[Regime]" = Registry("regime")
+
+
+def positive(v: float) -> bool:
+    return v > 0
+
+
+def non_negative(v: float) -> bool:
+    return v >= 0

@@ -3,6 +3,8 @@
 ``finetune``: the model's weights (hub / file / pretrain), a new head, every layer trained.
 ``scratch``: the same recipe from timm's random initialisation — whatever the model's ``weights`` say —
 with its own, longer default schedule (SimCLR App. B.8 uses 40,000 steps) and its own grid in the sweep.
+A scratch trial never loads weights, so its key hashes the architecture and input size, not the model
+entry: several model entries of one architecture share one scratch trial.
 
 Both train on ``splits_for(stage).train`` and report the dataset's metric on ``.eval`` once, after
 training (``eval_every`` > 0 adds periodic validation in grid trials only: the final stage looks at
@@ -11,52 +13,60 @@ test exactly once).
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING
 
-from xfer import engine
-from xfer.regimes.base import REGIMES, RunContext, TrialResult, splits_for
+from xfer.contract import Diverged, RunContext, TrialRecord, splits_for
+from xfer.regimes.base import REGIMES, Axis, Option, Regime, non_negative, positive
+
+if TYPE_CHECKING:
+    from xfer.trial import TrialSpec
 
 log = logging.getLogger(__name__)
 
-FINETUNE_OPTIONS: dict[str, Any] = {
-    "steps": 20000,  # the paper's fine-tuning length
-    "batch_size": 256,
-    "wd_over_lr": True,  # the grid's wd is divided by the learning rate (engine.torch_weight_decay)
-    "momentum": 0.9,  # Nesterov
-    "checkpoint_every": 1000,  # periodic checkpoints in the trial's work dir (exact resume)
-    "eval_every": 0,  # 0: evaluate once, at the end
-    "log_every": 50,
-}
+LR = Axis("lr", "learning rate (cosine-decayed to 0)", valid=positive, rule="> 0", prefer="smaller")
+WD = Axis("wd", "weight decay (divided by lr before use when wd_over_lr)", valid=non_negative, rule=">= 0",
+          prefer="smaller")
 
 
-class FineTune:
+def _options(steps: int) -> tuple[Option, ...]:
+    return (
+        Option("steps", steps, "training steps", minimum=1),
+        Option("batch_size", 256, "batch size", minimum=1),
+        Option("wd_over_lr", True, "divide the grid's wd by the learning rate (the paper's parameterisation)"),
+        Option("momentum", 0.9, "Nesterov momentum"),
+        Option("checkpoint_every", 1000, "periodic checkpoint for exact resume (0: off)", affects_result=False),
+        Option("eval_every", 0, "periodic validation in grid trials (0: only at the end)", affects_result=False),
+        Option("log_every", 50, "training-loss logging cadence", affects_result=False),
+    )
+
+
+class FineTune(Regime):
     """Train a backbone end to end with a new head; see the module docstring."""
 
-    axes = ("lr", "wd")
+    name = "finetune"
+    label = "Fine-tuned"
+    axes = (LR, WD)
+    options = _options(20000)  # the paper's fine-tuning length
+    from_scratch = False
 
-    def __init__(self, name: str, options: dict[str, Any], from_scratch: bool) -> None:
-        self.name = name
-        self.options = dict(options)
-        self.from_scratch = from_scratch
-
-    def run(self, trial, ctx: RunContext) -> TrialResult:
+    def run(self, trial: "TrialSpec", ctx: RunContext) -> TrialRecord:
+        from xfer import engine
         from xfer.data import build_from_ref
         from xfer.models import load_backbone
 
-        t0 = time.perf_counter()
-        opts = engine.merge_options(self.options, dict(trial.options), self.name)
-        hp = engine.require_hparams(dict(trial.hparams), self.axes, self.name)
+        opts = self.check_options(trial.options, f"regime {self.name} option")
+        hp = self.check_hparams(trial.hparams, f"regime {self.name}")
         splits = splits_for(trial.stage)
-        ds = build_from_ref(trial.dataset, ctx)
+        ds = build_from_ref(trial.dataset, data_root=ctx.data_root, download=ctx.download)
         info = ds.info
         model_spec = replace(trial.model, weights="random") if self.from_scratch else trial.model
         backbone = load_backbone(model_spec, num_classes=info.num_classes, ctx=ctx, seed=trial.seed)
-        cfg = engine.TrainConfig(steps=int(opts["steps"]), batch_size=int(opts["batch_size"]), lr=hp["lr"],
-                                 wd=hp["wd"], wd_over_lr=bool(opts["wd_over_lr"]), momentum=float(opts["momentum"]),
-                                 checkpoint_every=int(opts["checkpoint_every"]), log_every=int(opts["log_every"]),
-                                 eval_every=int(opts["eval_every"]), seed=trial.seed)
+        fingerprints = {"data": ds.fingerprint(), "weights": backbone.fingerprint}
+        cfg = engine.TrainConfig(steps=opts["steps"], batch_size=opts["batch_size"], lr=hp["lr"], wd=hp["wd"],
+                                 wd_over_lr=opts["wd_over_lr"], momentum=opts["momentum"],
+                                 checkpoint_every=opts["checkpoint_every"], log_every=opts["log_every"],
+                                 eval_every=opts["eval_every"], seed=trial.seed)
         device = ctx.resolved_device()
         eval_split = ds.split(splits.eval)
         key = f"{splits.prefix}_{info.metric}"
@@ -68,19 +78,32 @@ class FineTune:
 
         if cfg.eval_every and trial.stage != "grid":
             log.info("eval_every ignored in the %s stage: its evaluation split is looked at once", trial.stage)
-        outcome = engine.train(backbone.model, ds.split(splits.train), backbone.data_config, cfg, ctx,
-                               multilabel=info.multilabel, run_id=trial.key,
-                               periodic_eval=periodic if trial.stage == "grid" else None)
+        try:
+            outcome = engine.train(backbone.model, ds.split(splits.train), backbone.data_config, cfg, ctx,
+                                   multilabel=info.multilabel, run_id=trial.key,
+                                   periodic_eval=periodic if trial.stage == "grid" else None)
+        except Diverged as e:
+            return TrialRecord(status="diverged", metric=info.metric, message=str(e), fingerprints=fingerprints)
         value, scores, targets = engine.evaluate(backbone.model, eval_split, backbone.data_config, info.metric,
                                                  device=device, batch_size=cfg.batch_size,
                                                  num_workers=ctx.num_workers)
         ctx.report(outcome.steps_done, {key: value})
         engine.clear_checkpoint(ctx)
-        log.info("%s %s on %s: %s = %.4f (%d steps, %.1fs)", self.name, trial.model.name, trial.dataset.display,
-                 key, value, outcome.steps_done, time.perf_counter() - t0)
-        return TrialResult(status="finished", metrics={key: value, "train_loss": outcome.last_loss},
-                           metric=info.metric, steps_done=outcome.steps_done, scores=scores, targets=targets)
+        log.info("%s %s on %s: %s = %.4f (%d steps)", self.name, trial.model.name, trial.dataset.display, key, value,
+                 outcome.steps_done)
+        return TrialRecord(status="finished", metric=info.metric, metrics={key: value, "train_loss": outcome.last_loss},
+                           steps_done=outcome.steps_done, fingerprints=fingerprints, scores=scores, targets=targets)
 
 
-REGIMES.add("finetune", FineTune("finetune", FINETUNE_OPTIONS, from_scratch=False))
-REGIMES.add("scratch", FineTune("scratch", {**FINETUNE_OPTIONS, "steps": 40000}, from_scratch=True))
+class Scratch(FineTune):
+    """The fine-tuning recipe from random initialisation (its own, longer default schedule)."""
+
+    name = "scratch"
+    label = "Trained from random initialisation"
+    options = _options(40000)  # SimCLR App. B.8
+    from_scratch = True
+    model_identity = ("arch", "input_size")  # no weights are loaded, so none enter the key
+
+
+REGIMES.add(FineTune.name, FineTune())
+REGIMES.add(Scratch.name, Scratch())

@@ -1,252 +1,66 @@
 """Logistic regression on frozen features (Kornblith et al. 2019, §3 "logistic regression").
 
 The frozen network's penultimate, globally pooled features (``xfer.features``: eval-mode BN, centre
-crop, no augmentation) are fitted with an L2-regularised **multinomial** logistic regression by L-BFGS
-(``torch.optim.LBFGS``, strong-Wolfe line search) on the full feature matrix in float64, from zero
-weights. The grid has one axis, ``l2`` = λ (the paper and SimCLR/BYOL: 45 values log-spaced in
+crop, no augmentation) are fitted with an L2-regularised multinomial (or, for multi-label data,
+one-vs-rest) logistic regression by L-BFGS — the solver and the exact λ ↔ loss mapping are in
+``xfer.logistic``. The grid has one axis, ``l2`` = λ (the paper and SimCLR/BYOL: 45 values log-spaced in
 [1e-6, 1e5]); grid trials fit on ``train`` and report ``val_<metric>``, the final stage fits on
 ``trainval`` and reports ``test_<metric>``.
-
-The penalty λ, precisely (n training examples, W [C, D] weights, b [C] biases, bias unpenalised)::
-
-    loss(W, b) = (1/n) Σ_i CE(W x_i + b, y_i)  +  (λ/2) ‖W‖²_F
-
-scikit-learn's ``LogisticRegression`` minimises ``C Σ_i CE_i + ½‖W‖²``; dividing that by ``C n``
-gives ``(1/n) Σ_i CE_i + ‖W‖² / (2 C n)`` — the loss above with ``λ = 1/(C n)``, i.e. **C = 1/(λ n)**.
-Both have the same minimiser, and ``tests/test_linear_probe.py`` checks weights and objective against
-sklearn. (So λ is a per-example penalty: the same λ means the same strength on a small and a large
-dataset, whereas sklearn's C must shrink as n grows.)
-
-Multi-label data (PASCAL VOC 2007) is one-vs-rest: one binary logistic regression per class,
-``(1/n) Σ_i BCE(w_c·x_i + b_c, y_ic) + (λ/2)‖w_c‖²`` (sklearn's binary objective with the same
-C = 1/(λ n)). The classes are independent, so they are solved together by minimising their sum; the
-reported ``train_loss`` is the mean over classes of the per-class objectives.
-
-``standardize`` (default on) z-scores every feature with the *training* split's mean and standard
-deviation before fitting (evaluation features use the same statistics). Pooled post-ReLU features
-have per-dimension scales that differ by orders of magnitude; an ill-conditioned Hessian makes L-BFGS
-crawl, especially at small λ. λ then applies to weights on standardised features; comparisons with
-sklearn must feed it the same standardised features (the test does).
-
-Inside ``fit_logistic`` the problem is rescaled for torch's L-BFGS (W = V/√(1+λ), objective × n; see
-the comments there) — a change of variables that leaves the minimiser and the reported loss unchanged
-and keeps every λ of the grid to tens or a few hundred iterations.
 """
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-
-from xfer.regimes.base import REGIMES, Diverged, RunContext, TrialResult, splits_for
+from xfer.contract import Diverged, RunContext, TrialRecord, splits_for
+from xfer.regimes.base import REGIMES, Axis, Option, Regime, positive
 
 if TYPE_CHECKING:
-    from xfer.spec import TrialSpec
+    from xfer.trial import TrialSpec
 
 log = logging.getLogger(__name__)
 
-HISTORY_SIZE = 20  # L-BFGS memory; scipy (sklearn's solver) uses 10; 20 x D x C floats stays small
-TOLERANCE_CHANGE = 64 * float(np.finfo(np.float64).eps)  # as sklearn passes scipy (ftol): stop on no progress
 
-
-class LinearProbeError(ValueError):
-    """A bad linear-probe trial (penalty, options, features); the message says what is valid."""
-
-
-# ---------------------------------------------------------------------------------------------
-# The solver: pure functions on feature matrices (no data loading, no models).
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class Standardizer:
-    """Per-feature z-scoring with statistics of the training features. Constant features get scale 1
-    (as sklearn's StandardScaler), so they stay constant instead of becoming NaN."""
-
-    mean: torch.Tensor
-    scale: torch.Tensor
-
-    @staticmethod
-    def fit(x: torch.Tensor) -> "Standardizer":
-        x = x.to(torch.float64)
-        mean = x.mean(dim=0)
-        std = x.std(dim=0, unbiased=False)
-        scale = torch.where(std > 1e-12 * (1 + mean.abs()), std, torch.ones_like(std))
-        return Standardizer(mean=mean, scale=scale)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.to(torch.float64) - self.mean.to(x.device)) / self.scale.to(x.device)
-
-
-@dataclass
-class LogisticFit:
-    """A fitted (multinomial or one-vs-rest) logistic regression."""
-
-    weight: torch.Tensor  # [C, D]
-    bias: torch.Tensor  # [C]
-    objective: float  # the loss in the module docstring at the solution (mean over classes for multi-label)
-    n_iter: int  # L-BFGS iterations
-    grad_max: float  # max |gradient| at the solution
-    converged: bool  # stopped before max_iter (gradient below tol, or no progress left)
-    multilabel: bool
-
-    def decision_function(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits [N, C] (multinomial) or per-class decision values (one-vs-rest)."""
-        return x.to(self.weight.device, torch.float64) @ self.weight.T + self.bias
-
-
-def logistic_objective(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                       l2: float, multilabel: bool) -> torch.Tensor:
-    """The minimised objective (see the module docstring). For multi-label it is the *sum* over classes
-    of the per-class objectives, so each class's gradient is exactly its own problem's gradient."""
-    logits = x @ weight.T + bias
-    penalty = 0.5 * l2 * (weight * weight).sum()
-    if multilabel:
-        per_class = F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(dim=0)
-        return per_class.sum() + penalty
-    return F.cross_entropy(logits, y) + penalty
-
-
-def check_l2(l2: Any) -> float:
-    """λ must be a finite number > 0 (λ = 0 makes separable data unbounded; the paper's grid is 1e-6…1e5)."""
-    if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not math.isfinite(l2) or l2 <= 0:
-        raise LinearProbeError(f"linear_probe: the L2 penalty l2 (λ) must be a finite number > 0, got {l2!r} "
-                               "(the paper's grid: 45 values log-spaced in [1e-6, 1e5])")
-    return float(l2)
-
-
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float, *, num_classes: int, multilabel: bool = False,
-                 max_iter: int = 1000, tol: float = 1e-6, device: str | torch.device = "cpu") -> LogisticFit:
-    """Minimise the L2-regularised logistic loss over (W, b) with L-BFGS from zeros.
-
-    ``x`` [N, D] features (already standardised if wanted); ``y`` [N] class ids, or [N, C] multi-hot
-    when ``multilabel``. ``tol`` bounds the largest gradient component at the solution (as sklearn's
-    ``tol`` for lbfgs). Raises ``Diverged`` when the objective is not finite.
-    """
-    l2 = check_l2(l2)
-    x = torch.as_tensor(x).to(device=device, dtype=torch.float64)
-    if x.ndim != 2 or x.shape[0] == 0:
-        raise LinearProbeError(f"features must be a non-empty [N, D] matrix, got shape {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
-        raise Diverged("the frozen features contain NaN/inf (the backbone's forward pass overflowed)")
-    y = torch.as_tensor(y).to(device)
-    if multilabel:
-        if y.shape != (x.shape[0], num_classes):
-            raise LinearProbeError(f"multi-label targets must be [N, C] = [{x.shape[0]}, {num_classes}], "
-                                   f"got {tuple(y.shape)}")
-        y = y.to(torch.float64)
-    else:
-        if y.shape != (x.shape[0],):
-            raise LinearProbeError(f"targets must be [N] = [{x.shape[0]}] class ids, got {tuple(y.shape)}")
-        y = y.to(torch.int64)
-        if int(y.min()) < 0 or int(y.max()) >= num_classes:
-            raise LinearProbeError(f"class ids must lie in [0, {num_classes - 1}], "
-                                   f"got [{int(y.min())}, {int(y.max())}]")
-    # Two changes of scale for torch's L-BFGS, neither of which moves the minimiser:
-    # * W = V / sqrt(1 + λ): on standardised features the data term's curvature per weight is O(1)
-    #   and the penalty adds λ, while the bias only has the data curvature. Without this, at large λ
-    #   the scalar initial Hessian of L-BFGS fits the stiff W block and the bias crawls (hundreds of
-    #   iterations at λ = 1e3..1e5 instead of ~10).
-    # * minimise n · loss (the summed form): torch drops curvature pairs with yᵀs ≤ 1e-10 *absolute*,
-    #   which for a mean loss near the optimum is most of them; L-BFGS itself is invariant to the scale.
-    n = x.shape[0]
-    w_scale = math.sqrt(1.0 + l2)
-    v = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, device=device, requires_grad=True)
-    bias = torch.zeros(num_classes, dtype=torch.float64, device=device, requires_grad=True)
-    # |∂(n·loss)/∂V| ≤ tol·n/scale  ⇔  |∂loss/∂W| ≤ tol (and |∂loss/∂b| ≤ tol/scale: stricter)
-    opt = torch.optim.LBFGS([v, bias], lr=1.0, max_iter=max_iter, max_eval=max(max_iter * 5 // 4, 1),
-                            tolerance_grad=tol * n / w_scale, tolerance_change=TOLERANCE_CHANGE,
-                            history_size=HISTORY_SIZE, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = n * logistic_objective(v / w_scale, bias, x, y, l2, multilabel)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    state = opt.state[opt._params[0]]
-    n_iter, func_evals = int(state.get("n_iter", 0)), int(state.get("func_evals", 0))
-    # objective and gradient at the returned point, in the original variables
-    weight = (v.detach() / w_scale).requires_grad_(True)
-    b = bias.detach().requires_grad_(True)
-    loss = logistic_objective(weight, b, x, y, l2, multilabel)
-    loss.backward()
-    value = float(loss.detach())
-    if not math.isfinite(value):
-        raise Diverged(f"logistic regression objective is not finite ({value}) at λ={l2:g}")
-    grad_max = float(max(weight.grad.abs().max(), b.grad.abs().max()))
-    # L-BFGS stops on its own when the gradient is below tol or the loss / step stop changing (no
-    # progress left at float64 precision); only running out of its budget means "not converged"
-    converged = grad_max <= tol or (n_iter < max_iter and func_evals < opt.defaults["max_eval"])
-    if not converged:
-        log.warning("L-BFGS used its budget (%d iterations) at λ=%g; max |gradient| %.3g > tol %.3g",
-                    n_iter, l2, grad_max, tol)
-    objective = value / num_classes if multilabel else value
-    return LogisticFit(weight=weight.detach(), bias=b.detach(), objective=objective, n_iter=n_iter,
-                       grad_max=grad_max, converged=converged, multilabel=multilabel)
-
-
-# ---------------------------------------------------------------------------------------------
-# The regime: features from the store → fit → evaluate.
-# ---------------------------------------------------------------------------------------------
-def _check_options(options: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(options) - set(defaults))
-    if unknown:
-        raise LinearProbeError(f"linear_probe: unknown option(s) {', '.join(unknown)}; valid: {', '.join(defaults)}")
-    out = {**defaults, **options}
-    for k in ("max_iter", "batch_size"):
-        v = out[k]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise LinearProbeError(f"linear_probe option {k}: expected an integer >= 1, got {v!r}")
-    tol = out["tol"]
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
-        raise LinearProbeError(f"linear_probe option tol: expected a number > 0, got {tol!r}")
-    if not isinstance(out["standardize"], bool):
-        raise LinearProbeError(f"linear_probe option standardize: expected true or false, got {out['standardize']!r}")
-    return out
-
-
-class LinearProbe:
+class LinearProbe(Regime):
     """Multinomial (or one-vs-rest) L2 logistic regression on cached frozen features."""
 
     name = "linear_probe"
-    axes: tuple[str, ...] = ("l2",)
-    options: dict[str, Any] = {
-        "max_iter": 1000,  # L-BFGS iterations
-        "tol": 1e-6,  # stop when every gradient component of the (mean) objective is below this
-        "standardize": True,  # z-score features with train statistics (L-BFGS conditioning)
-        "batch_size": 256,  # feature extraction batch (does not change the features or the key)
-    }
+    label = "Logistic regression (frozen features)"
+    axes = (Axis("l2", "L2 penalty λ: mean loss + λ/2 ‖W‖² (sklearn's C = 1/(λ n))", valid=positive, rule="> 0",
+                 prefer="larger"),)  # ties go to the stronger penalty, the simpler model
+    options = (
+        Option("max_iter", 1000, "L-BFGS iterations", minimum=1),
+        Option("tol", 1e-6, "stop when every gradient component of the (mean) objective is below this"),
+        Option("standardize", True, "z-score features with train statistics (L-BFGS conditioning)"),
+        Option("batch_size", 256, "feature extraction batch", minimum=1),
+    )
+    uses_features = True
 
-    def run(self, trial: "TrialSpec", ctx: RunContext) -> TrialResult:
+    def run(self, trial: "TrialSpec", ctx: RunContext) -> TrialRecord:
         from xfer import features
+        from xfer.logistic import LinearProbeError, Standardizer, fit_logistic
         from xfer.metrics import compute_metric
 
-        unknown_axes = sorted(set(trial.hparams) - set(self.axes))
-        if unknown_axes or "l2" not in trial.hparams:
-            raise LinearProbeError(f"linear_probe takes exactly one hyper-parameter, l2 (λ); got "
-                                   f"{sorted(trial.hparams) or 'none'}")
-        l2 = check_l2(trial.hparams["l2"])
-        opts = _check_options(trial.options, self.options)
+        opts = self.check_options(trial.options, f"regime {self.name} option")
+        if not opts["tol"] > 0:
+            raise LinearProbeError(f"linear_probe option tol: expected a number > 0, got {opts['tol']!r}")
+        l2 = self.check_hparams(trial.hparams, f"regime {self.name}")["l2"]
         splits = splits_for(trial.stage)
         sets = features.get_feature_sets(trial.model, trial.dataset, [splits.train, splits.eval], ctx,
                                          batch_size=opts["batch_size"])  # one backbone build on a miss
         train, held = sets[splits.train], sets[splits.eval]
+        fingerprints = {"data": str(train.meta.get("dataset_fingerprint", "")),
+                        "weights": str(train.meta.get("backbone_fingerprint", "")), "features": train.key}
         x_train, x_eval = train.features, held.features
         if opts["standardize"]:
             st = Standardizer.fit(x_train)
             x_train, x_eval = st(x_train), st(x_eval)
-        device = ctx.resolved_device()
         try:
             fit = fit_logistic(x_train, train.targets, l2, num_classes=train.num_classes,
                                multilabel=train.multilabel, max_iter=opts["max_iter"], tol=float(opts["tol"]),
-                               device=device)
+                               device=ctx.resolved_device())
         except Diverged as e:
-            return TrialResult(status="diverged", message=str(e), metric=train.metric)
+            return TrialRecord(status="diverged", message=str(e), metric=train.metric, fingerprints=fingerprints)
         scores = fit.decision_function(x_eval).cpu().numpy()
         targets = held.targets.cpu().numpy()
         value = compute_metric(train.metric, scores, targets)
@@ -254,11 +68,11 @@ class LinearProbe:
         log.info("linear_probe %s/%s λ=%g: %s_%s=%.4f (train loss %.4g, %d L-BFGS iterations%s)",
                  trial.model.name, trial.dataset.display, l2, splits.prefix, train.metric, value, fit.objective,
                  fit.n_iter, "" if fit.converged else ", not converged")
-        return TrialResult(status="finished", metric=train.metric, steps_done=fit.n_iter,
+        return TrialRecord(status="finished", metric=train.metric, steps_done=fit.n_iter,
                            metrics={f"{splits.prefix}_{train.metric}": value, "train_loss": fit.objective},
-                           scores=scores, targets=targets,
+                           scores=scores, targets=targets, fingerprints=fingerprints,
                            message="" if fit.converged else (f"L-BFGS used its budget (max_iter="
                                                              f"{opts['max_iter']}); max |grad| {fit.grad_max:.2g} > tol"))
 
 
-REGIMES.add("linear_probe", LinearProbe())
+REGIMES.add(LinearProbe.name, LinearProbe())

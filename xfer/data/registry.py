@@ -1,0 +1,101 @@
+"""The dataset registry: a name plus options → a ``TransferDataset`` with train/val/trainval/test.
+
+Only the table and how to build from it; the families (``xfer.data.vision``, ``folder``,
+``synthetic``, ``digits``) add their entries when ``xfer.data`` is imported.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from xfer.data.base import DatasetInfo, TransferDataset
+from xfer.options import check_options
+from xfer.registry import Registry
+
+if TYPE_CHECKING:
+    from xfer.trial import DatasetRef
+
+log = logging.getLogger(__name__)
+
+
+# builder(name=..., root=..., download=..., **options) -> TransferDataset
+Builder = Callable[..., TransferDataset]
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset's files are not where they were expected; the message says where and how to get them."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else super().__str__()
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """A registered dataset: what it is (``info``), its options with defaults, and how to build it."""
+
+    info: DatasetInfo
+    options: dict[str, Any]
+    builder: Builder
+    option_help: Mapping[str, str] = field(default_factory=dict)
+    cache: bool = False  # in-memory, deterministic data: build once per process and options
+    downloadable: bool = False  # torchvision can fetch it (``download: true``)
+
+
+DATASETS: Registry[DatasetEntry] = Registry("dataset")
+
+_CACHE: "OrderedDict[str, TransferDataset]" = OrderedDict()
+_CACHE_SIZE = 8
+
+
+def dataset_option_names(name: str) -> set[str]:
+    """Option names a sweep may give a dataset (``download`` too, for datasets that can download)."""
+    entry = DATASETS.get(name)
+    names = set(entry.options)
+    if entry.downloadable:
+        names.add("download")
+    return names
+
+
+def resolve_options(name: str, options: Mapping[str, Any], path: str | None = None) -> dict[str, Any]:
+    """The entry's defaults overlaid with ``options`` (``download`` too, where the dataset can
+    download); unknown names and values of the wrong kind are ``OptionError``s (``xfer.options``)."""
+    defaults = dict(DATASETS.get(name).options)
+    if DATASETS.get(name).downloadable:
+        defaults.setdefault("download", False)
+    out = check_options(options, defaults, path or f"dataset {name!r} option")
+    if not DATASETS.get(name).downloadable or "download" not in options:
+        out.pop("download", None)
+    return out
+
+
+def build_dataset(name: str, *, root: Path | str, download: bool = False, **options: Any) -> TransferDataset:
+    """Build a registered dataset. ``root`` is where downloadable datasets live (torchvision's
+    layout under it); ``download`` lets torchvision fetch missing files (never implied)."""
+    entry = DATASETS.get(name)
+    opts = resolve_options(name, options)
+    opts.pop("download", None)
+    key = json.dumps([name, opts], sort_keys=True, default=str)
+    if entry.cache and key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    ds = entry.builder(name=name, root=Path(root).expanduser(), download=bool(download), **opts)
+    log.info("dataset %s: %s", name, ", ".join(f"{s}={n}" for s, n in ds.counts().items()))
+    if entry.cache:
+        _CACHE[key] = ds
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return ds
+
+
+def build_from_ref(ref: "DatasetRef", *, data_root: Path | str, download: bool = False) -> TransferDataset:
+    """Build the dataset a trial names, reading from ``data_root``; a ``download`` option on the
+    reference overrides the run's ``download``."""
+    options = dict(resolve_options(ref.name, ref.options))
+    download = options.pop("download", download)
+    return build_dataset(ref.name, root=data_root, download=download, **options)
+
+

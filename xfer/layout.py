@@ -1,0 +1,69 @@
+"""Where a sweep keeps its files: one object names every folder and file under the storage root.
+
+Trial processes may run in another working directory (Tune moves into trial folders; a Ray job unpacks
+its working dir elsewhere), so every path here is absolute. Names that come from a spec (sweep names)
+are checked so that they can never point outside the root.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+class LayoutError(ValueError):
+    """A name that would escape the storage root or is not a plain file name."""
+
+
+def safe_name(name: str, what: str = "name") -> str:
+    """``name`` if it is a plain file name (letters, digits, ``_ . -``, not starting with a dot)."""
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
+        raise LayoutError(f"{what} {name!r} cannot be used as a folder name: use letters, digits, '_', '.', '-' "
+                          "(not starting with '.' and without '..')")
+    return name
+
+
+@dataclass(frozen=True)
+class StorageLayout:
+    """The storage root (checkpoints, features, predictions, Ray state, reports) and the data root.
+
+    ``storage``/``data_root`` are made absolute on construction.
+    """
+
+    storage: Path
+    data_root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "storage", Path(self.storage).expanduser().resolve())
+        object.__setattr__(self, "data_root", Path(self.data_root).expanduser().resolve())
+
+    # -- per trial key -------------------------------------------------------------------------
+    def checkpoint_dir(self, key: str) -> Path:
+        """Source-training output of one pretrain trial (``model.pth`` + ``meta.json``)."""
+        return self.storage / "checkpoints" / safe_name(key, "trial key")
+
+    def work_dir(self, key: str) -> Path:
+        """A trial's periodic checkpoint for exact resume (removed once its result is final)."""
+        return self.storage / "trials" / safe_name(key, "trial key")
+
+    def predictions(self, key: str) -> Path:
+        """A final run's per-example test outputs (one folder per key keeps the schema's file name)."""
+        return self.storage / "predictions" / safe_name(key, "trial key") / "predictions.npz"
+
+    # -- shared --------------------------------------------------------------------------------
+    @property
+    def features_dir(self) -> Path:
+        return self.storage / "features"
+
+    def feature_file(self, key: str) -> Path:
+        return self.features_dir / f"{safe_name(key, 'feature key')}.pt"
+
+    @property
+    def ray(self) -> Path:
+        """Ray Tune's experiment state (what ``--resume`` restores)."""
+        return self.storage / "ray"
+
+    def report_dir(self, sweep: str) -> Path:
+        return self.storage / "reports" / safe_name(sweep, "sweep name")

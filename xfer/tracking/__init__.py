@@ -1,0 +1,17 @@
+"""MLflow tracking, by what it does:
+
+- ``uri``: where to track (URI resolution, fail-fast reachability, client and experiment look-ups);
+- ``schema``: what a run records (tags, params, metrics) and how it reads back as table rows;
+- ``writer``: the sweep's experiment and parent run, and the Ray Tune callback (the only writer);
+- ``readers``: the runs table, finished keys, predictions, report attachments.
+
+Importing this package imports neither Ray nor MLflow; only ``writer`` needs Ray.
+"""
+from __future__ import annotations
+
+from xfer.tracking.readers import finished_keys, load_predictions, load_runs, log_report
+from xfer.tracking.uri import (DEFAULT_TRACKING_URI, TrackingError, absolute_sqlite, check_reachable,
+                               resolve_tracking_uri)
+
+__all__ = ["DEFAULT_TRACKING_URI", "TrackingError", "absolute_sqlite", "check_reachable", "finished_keys",
+           "load_predictions", "load_runs", "log_report", "resolve_tracking_uri"]

@@ -1,0 +1,177 @@
+"""A study's plain data: models, dataset references, trials and their stable keys.
+
+``TrialSpec.key`` is a stable hash of everything that changes a trial's result (never of where it runs
+or how it is tracked), so a key names the trial's MLflow run, checkpoint folder and cached features,
+and reruns skip finished keys. *What* it hashes of the model is the regime's declared identity
+(``KeyRule``, carried by the trial): a trial from random initialisation does not hash the weights it
+never loads, so the same architecture under several model names is one trial.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from xfer.hashing import stable_hash
+
+PROTOCOL_VERSION = "1"
+WEIGHT_SOURCES = ("hub", "random", "pretrain", "file")
+
+
+@dataclass(frozen=True)
+class KeyRule:
+    """What a trial's key hashes: the model fields in ``model`` (of ``ModelSpec.key_fields``) and
+    every option except ``ignore_options`` (observation cadence: logging more often re-runs nothing)."""
+
+    model: tuple[str, ...] = ("name", "arch", "weights", "input_size")
+    ignore_options: tuple[str, ...] = ("checkpoint_every", "eval_every", "log_every")
+
+    def to_dict(self) -> dict[str, list[str]]:
+        return {"model": list(self.model), "ignore_options": list(self.ignore_options)}
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any] | None) -> "KeyRule":
+        if not d:
+            return DEFAULT_KEY_RULE
+        return KeyRule(model=tuple(d["model"]), ignore_options=tuple(d["ignore_options"]))
+
+
+DEFAULT_KEY_RULE = KeyRule()
+
+
+@dataclass(frozen=True)
+class PretrainSpec:
+    """How the pretrain regime makes a model's weights (source training)."""
+
+    dataset: "DatasetRef"
+    options: Mapping[str, Any]  # pretrain regime options (steps, batch_size, lr, wd, ...)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A backbone and where its weights come from.
+
+    ``arch`` is a timm model name, optionally with a pretrained tag (``resnet50.tv_in1k``).
+    ``weights``: ``hub`` (timm's pretrained weights), ``random``, ``pretrain`` (made by the pretrain
+    regime from ``pretrain``), or ``file`` (a local state dict at ``weights_file``).
+    """
+
+    name: str
+    arch: str
+    weights: str = "hub"
+    weights_file: str | None = None
+    pretrain: PretrainSpec | None = None
+    source_top1: float | None = None  # overrides the shipped table / the measured value
+    input_size: int | None = None  # overrides the pretrained config's input size
+    paper_name: str | None = None  # the paper model this stands for, for reports
+
+    def pretrain_trial(self) -> "TrialSpec":
+        if self.pretrain is None:
+            raise ValueError(f"model {self.name!r} has no pretrain block")
+        src = replace(self, weights="random", pretrain=None, source_top1=None, name=self.name)
+        return TrialSpec(model=src, dataset=self.pretrain.dataset, regime="pretrain", hparams={},
+                         options=dict(self.pretrain.options), seed=self.pretrain.seed, stage="pretrain")
+
+    def weights_id(self) -> str:
+        """What identifies the weights (part of every trial key that uses them)."""
+        if self.weights == "pretrain":
+            return f"pretrain:{self.pretrain_trial().key}"
+        if self.weights == "file":
+            p = Path(self.weights_file or "")
+            size = p.stat().st_size if p.exists() else -1
+            return f"file:{p.resolve()}:{size}"
+        return f"{self.weights}:{self.arch}"
+
+    def key_fields(self) -> dict[str, Any]:
+        # the name is part of the key: a trial belongs to a model entry of the study (two entries with
+        # the same architecture keep separate scratch runs, and the report finds each under its name)
+        return {"name": self.name, "arch": self.arch, "weights": self.weights_id(), "input_size": self.input_size}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> "ModelSpec":
+        d = dict(d)
+        if d.get("pretrain"):
+            p = dict(d["pretrain"])
+            d["pretrain"] = PretrainSpec(dataset=DatasetRef.from_dict(p["dataset"]),
+                                         options=dict(p["options"]), seed=p.get("seed", 0))
+        return ModelSpec(**d)
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """A registered dataset name plus its options (``label`` is the display name only)."""
+
+    name: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    label: str | None = None
+
+    @property
+    def display(self) -> str:
+        return self.label or self.name
+
+    def key_fields(self) -> dict[str, Any]:
+        # download/paths change where data comes from, not what it is
+        opts = {k: v for k, v in self.options.items() if k not in ("download",)}
+        return {"name": self.name, "options": opts}
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> "DatasetRef":
+        return DatasetRef(name=d["name"], options=dict(d.get("options") or {}), label=d.get("label"))
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One run of one regime: the unit Ray schedules and MLflow records."""
+
+    model: ModelSpec
+    dataset: DatasetRef
+    regime: str
+    hparams: Mapping[str, float]  # the grid axes: lr, wd (finetune/scratch), l2 (linear_probe)
+    options: Mapping[str, Any]  # the regime's other settings: steps, batch_size, ...
+    seed: int = 0
+    stage: str = "grid"  # grid | final | pretrain
+
+    key_rule: KeyRule = DEFAULT_KEY_RULE  # what the key hashes: the regime's declared identity
+
+    @property
+    def key(self) -> str:
+        fields = self.model.key_fields()
+        return stable_hash({
+            "model": {f: fields[f] for f in self.key_rule.model}, "dataset": self.dataset.key_fields(),
+            "regime": self.regime, "hparams": dict(self.hparams),
+            "options": {k: v for k, v in self.options.items() if k not in self.key_rule.ignore_options},
+            "seed": self.seed, "stage": self.stage, "protocol": PROTOCOL_VERSION,
+        })
+
+    @property
+    def cell(self) -> tuple[str, str, str]:
+        """The (model, dataset, regime) cell this trial belongs to (selection is per cell)."""
+        return (self.model.name, self.dataset.display, self.regime)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["hparams"] = dict(self.hparams)
+        d["options"] = dict(self.options)
+        d["key_rule"] = self.key_rule.to_dict()
+        return d
+
+    @staticmethod
+    def from_config(config: Mapping[str, Any]) -> "TrialSpec":
+        """Rebuild a trial from a Ray Tune config: ``{"trial": to_dict()}``, where a searcher (Optuna)
+        may have put sampled values of the grid axes at the top level (``{"trial": …, "lr": 0.01}``)."""
+        trial = TrialSpec.from_dict(config["trial"])
+        sampled = {k: float(config[k]) for k in trial.hparams if k in config}
+        return replace(trial, hparams={**trial.hparams, **sampled}) if sampled else trial
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> "TrialSpec":
+        return TrialSpec(model=ModelSpec.from_dict(d["model"]), dataset=DatasetRef.from_dict(d["dataset"]),
+                         regime=d["regime"], hparams=dict(d["hparams"]), options=dict(d["options"]),
+                         seed=int(d.get("seed", 0)), stage=d.get("stage", "grid"),
+                         key_rule=KeyRule.from_dict(d.get("key_rule")))
+
+
