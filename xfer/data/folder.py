@@ -24,14 +24,17 @@ Bad data gives one line naming the file or folder and what to do (``BadDataError
   truncated copy) is fully decoded to confirm. That is one open and two small reads per file, so it
   stays cheap on large folders. ``verify_full: true`` decodes every image at build time instead
   (a few ms per image) and catches corruption in the middle of a file too.
-* What the build-time check misses is caught lazily: reading a bad image raises ``BadImageError``
-  naming it (also from inside DataLoader workers, as one line).
+* What the build-time check misses (or all of it, with ``verify: false``) is caught lazily: reading
+  a bad image raises ``BadImageError`` naming it — as one line even from a DataLoader worker.
 * ``skip_bad_images: true`` drops the files the build-time check finds instead of failing; they are
-  logged once (count and first few names) and kept on the dataset (``skipped_images``). A bad
+  logged once (count and first few names) and kept on the dataset (``skipped_images``,
+  ``num_skipped``; ``counts()`` stays per split). With ``verify: false`` only missing and 0-byte
+  files are found at build time. A bad
   file found only at read time still fails: skipping mid-epoch would change the split silently.
 * An empty class folder (or a class whose training images were all skipped) is an error naming it,
   unless ``drop_empty_classes: true`` is given; then the class is dropped from every split (its
-  val/test images too) and the rest are renumbered as above.
+  val/test images too) and the rest are renumbered as above. An empty val/test class folder is an
+  error too; with ``drop_empty_classes: true`` it is ignored (the class stays).
 """
 from __future__ import annotations
 
@@ -62,8 +65,8 @@ _END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
 SKIP_HINT = "or set the dataset option `skip_bad_images: true` to skip such files (they are counted and logged)"
 READ_HINT = ("replace or remove it; the build-time check (`verify: true`, or `verify_full: true` to decode "
              "every image) finds such files before training, and `skip_bad_images: true` then skips them")
-EMPTY_HINT = ("add images to it or remove the folder, or set the dataset option `drop_empty_classes: true` to drop such "
-              "classes (the remaining classes are renumbered in sorted order)")
+EMPTY_HINT = ("add images to it or remove the folder, or set the dataset option `drop_empty_classes: true` to "
+              "drop such classes (the remaining classes are renumbered in sorted order)")
 
 
 class BadDataError(DatasetNotFoundError, ValueError):
@@ -166,13 +169,6 @@ def image_problem(path: str | Path, *, full: bool = False) -> str | None:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         return _reason(e)
     return None
-
-
-def check_header(path: str | Path) -> None:
-    """Raise ``BadImageError`` if ``image_problem`` finds one (the cheap check)."""
-    problem = image_problem(path)
-    if problem:
-        raise BadImageError(path, problem)
 
 
 class FileImages(Dataset):
