@@ -5,7 +5,10 @@ layout, so an existing torchvision data folder works as is. We take the file lis
 parsed and apply the paper's split rule (DESIGN.md §4) ourselves: held-out validation is a seeded,
 stratified 20% of train; "official" uses the dataset's own val; Caltech-101 takes 30 random images
 per class for train (val held out from those) and tests on the rest. Images are loaded by
-``folder.load_rgb`` so a corrupt file is reported by name.
+``folder.load_rgb`` so a corrupt file is reported by name (``BadImageError``, at first read: these
+folders are large and come from a checked archive, so there is no build-time image pass). A missing
+dataset is a ``DatasetNotFoundError`` naming the path torchvision expected and how to get the files
+(``download: true``, or manual steps where torchvision cannot download).
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from torch.utils.data import Dataset
 
 from xfer.data.registry import DATASETS, DatasetEntry, DatasetNotFoundError
 from xfer.data.base import DatasetInfo
-from xfer.data.folder import FileImages, ImageReadError, load_rgb
+from xfer.data.folder import BadDataError, FileImages, load_rgb
 from xfer.data.splits import ArrayPool, Part, SplitDataset, heldout_parts, per_class_sample, stratified_holdout
 
 log = logging.getLogger(__name__)
@@ -58,19 +61,31 @@ class Loaded:
     expected_classes: int | None = None  # when options change the class count (Caltech without background)
 
 
+def _why(e: BaseException) -> str:
+    """torchvision's own reason on one line, minus its advice to pass ``download=True`` (ours says how)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    for advice in (" You can use download=True to download it", "You can use download=True to download it"):
+        text = text.replace(advice, "")
+    return text.rstrip(" .") or type(e).__name__
+
+
 def _open(cls: Callable[..., Any], name: str, root: Path, download: bool, expected: str, manual: str = "",
           **kwargs: Any) -> Any:
-    """Instantiate a torchvision dataset, turning "not found" into an error that says where and how."""
+    """Instantiate a torchvision dataset, turning "not found" into one line that says which path was
+    expected and how to get the files there."""
     try:
         return cls(root=str(root), download=download, **kwargs)
     except (RuntimeError, FileNotFoundError, ValueError, OSError) as e:
         where = expected.format(root=root)
         if download:
-            raise DatasetNotFoundError(f"{name}: could not fetch or read the dataset under {where}: {e}"
-                                       + (f". {manual}" if manual else "")) from e
+            how = manual or (f"check this machine can reach the dataset's server, or fetch the files yourself into "
+                             f"{where}, or point data_root at a folder that already holds them")
+            raise DatasetNotFoundError(f"{name}: could not fetch or read the dataset under {where} ({_why(e)}); "
+                                       f"{how}") from None
         how = manual or (f"set `download: true` in the sweep (or build_dataset(..., download=True)) to let "
-                         f"torchvision fetch it into {root}")
-        raise DatasetNotFoundError(f"{name}: dataset files not found under {where} ({e}); {how}") from None
+                         f"torchvision fetch it into {root}, or point data_root at a folder that already holds "
+                         f"it in torchvision's layout")
+        raise DatasetNotFoundError(f"{name}: dataset files not found under {where} ({_why(e)}); {how}") from None
 
 
 def _attr(ds: Any, *names: str) -> Any:
@@ -280,7 +295,8 @@ class VOCClassification(Dataset):
             try:
                 xml = _parse_xml(ann)
             except Exception as e:  # ParseError and defusedxml's errors share no base class
-                raise ImageReadError(f"voc2007: cannot parse annotation {ann}: {e}") from None
+                raise BadDataError(f"voc2007: cannot parse annotation {ann} ({' '.join(str(e).split())}); the "
+                                   "file is corrupt: restore it from the VOC 2007 archive") from None
             for obj in xml.iter("object"):
                 cls = (obj.findtext("name") or "").strip()
                 if cls not in index:
