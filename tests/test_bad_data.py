@@ -175,7 +175,7 @@ def test_skip_option_is_registered_and_typed():
     assert resolve_options("imagefolder", {"skip_bad_images": True})["skip_bad_images"] is True
     with pytest.raises(ValueError, match="skip_bad_images.*expected bool"):
         resolve_options("imagefolder", {"skip_bad_images": "yes"})
-    with pytest.raises(ValueError, match="unknown option 'skip_bad_image'.*skip_bad_images"):
+    with pytest.raises(ValueError, match=r"skip_bad_image: unknown key \(did you mean 'skip_bad_images'"):
         resolve_options("imagefolder", {"skip_bad_image": True})
 
 

@@ -11,6 +11,7 @@ import traceback
 from typing import TYPE_CHECKING
 
 from xfer.contract import Diverged, RunContext, TrialRecord
+from xfer.options import OptionError
 from xfer.regimes.base import REGIMES, Axis, Option, Regime
 from xfer.regimes import finetune, linear_probe, pretrain  # noqa: E402,F401  (they register themselves)
 
@@ -34,6 +35,10 @@ def run_trial(trial: "TrialSpec", ctx: RunContext) -> TrialRecord:
         record = TrialRecord(status="diverged", message=str(e))
     except KeyboardInterrupt:
         raise
+    except (FileNotFoundError, OptionError) as e:  # bad data or a bad option: the message says what to do
+        log.error("trial %s failed: %s", trial.key, e)
+        log.debug("%s", traceback.format_exc())
+        record = TrialRecord(status="failed", message=f"{type(e).__name__}: {e}")
     except Exception as e:  # noqa: BLE001 - a trial's failure must not end the sweep
         log.error("trial %s failed: %s\n%s", trial.key, e, traceback.format_exc())
         record = TrialRecord(status="failed", message=f"{type(e).__name__}: {e}")
