@@ -3,6 +3,7 @@ Ray Tune run on a one-CPU local Ray."""
 from __future__ import annotations
 
 import math
+import json
 import os
 import signal
 import socket
@@ -20,7 +21,9 @@ from mlflow import MlflowClient
 
 from xfer import tracking
 from xfer.trial import DatasetRef, ModelSpec, TrialSpec
-from xfer.tracking import TrackingCallback, TrackingError, SweepTracker
+from xfer.contract import TrialRecord
+from xfer.tracking import TrackingError, schema, writer
+from xfer.tracking.writer import SweepTracker, TrackingCallback
 
 
 def make_trial(lr: float = 0.1, wd: float = 1e-4, *, regime: str = "finetune", stage: str = "grid", model: str = "m1",
@@ -55,9 +58,12 @@ def save_predictions(path: Path, n: int = 6, c: int = 3, seed: int = 0) -> tuple
     return scores, targets
 
 
-def final_result(status: str = "finished", step: int = 4, **metrics: float) -> dict:
-    return {"xfer_final": True, "xfer_step": step, "status": status, "message": "" if status == "finished" else "why",
-            "metric": "top1", "steps_done": step, **metrics}
+def final_result(status: str = "finished", step: int = 4, artifacts: dict | None = None, **metrics: float) -> dict:
+    """The trainable's final report: the TrialRecord as JSON (see xfer.sweep.execute_trial)."""
+    record = TrialRecord(status=status, metric="top1", metrics=metrics, steps_done=step, seconds=1.5,
+                         message="" if status == "finished" else "why", artifacts=artifacts or {},
+                         fingerprints={"data": "d123", "weights": "w456"})
+    return {"xfer_final": True, "xfer_step": step, "xfer_record": json.dumps(record.to_json())}
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +75,7 @@ def uri(tmp_path_factory) -> str:
 @pytest.fixture(autouse=True)
 def _no_leftover_parents():
     yield
-    tracking._ACTIVE_PARENTS.clear()
+    writer._ACTIVE_PARENTS.clear()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +144,7 @@ def test_hierarchy_tags_params_metrics_and_predictions(uri, tmp_path):
                 "xfer_step": step, "train_loss": loss, "val_top1": 0.1 * step, "training_iteration": step,
                 "time_total_s": 1.0, "done": False, "config": {"trial": {}}, "trial_id": tid})
         cb.on_trial_result(iteration=0, trials=[], trial=ft, result={
-            **final_result(val_top1=0.3 if tid == "a" else 0.4, train_loss=1.0), "artifacts": {"predictions": str(preds)}})
+            **final_result(val_top1=0.3 if tid == "a" else 0.4, train_loss=1.0, artifacts={"predictions": str(preds)})})
         cb.on_trial_complete(iteration=0, trials=[], trial=ft)
     tracker.end_parent("finished")
 
@@ -168,6 +174,9 @@ def test_hierarchy_tags_params_metrics_and_predictions(uri, tmp_path):
     hist = c.get_metric_history(r.info.run_id, "train_loss")
     assert sorted((m.step, m.value) for m in hist) == [(1, 2.0), (2, 1.5), (4, 1.0)]
     assert r.data.metrics["val_top1"] == pytest.approx(0.3)
+    # the trial record's timing, metric name and fingerprints reach the run
+    assert r.data.metrics["trial_seconds"] == pytest.approx(1.5) and tags["xfer.metric"] == "top1"
+    assert tags["xfer.fingerprint.data"] == "d123" and tags["xfer.fingerprint.weights"] == "w456"
     for ray_key in ("training_iteration", "time_total_s", "done", "xfer_step", "xfer_final"):
         assert ray_key not in r.data.metrics
 
@@ -255,7 +264,7 @@ def test_load_runs_table(uri, tmp_path):
         cb.on_trial_start(iteration=0, trials=[], trial=tr)
         cb.on_trial_result(iteration=0, trials=[], trial=tr, result=results[t.key])
     df = tracking.load_runs(uri, "table")
-    assert list(df.columns) == tracking.RUNS_COLUMNS
+    assert list(df.columns) == schema.runs_columns()
     assert len(df) == 4  # the parent run is not a row
     rows = df.set_index("trial_key")
     assert rows.loc[lp.key, "regime"] == "linear_probe" and rows.loc[lp.key, "l2"] == 1e-3
@@ -274,27 +283,23 @@ def test_load_runs_table(uri, tmp_path):
         tracking.load_runs(uri, "nope")
     SweepTracker(uri, "empty").experiment_id  # creates the experiment
     empty = tracking.load_runs(uri, "empty")
-    assert empty.empty and list(empty.columns) == tracking.RUNS_COLUMNS
+    assert empty.empty and list(empty.columns) == schema.runs_columns()
     with pytest.raises(TrackingError, match="no predictions.npz"):
         tracking.load_predictions(uri, rows.loc[ft.key, "run_id"])
 
 
-def _sampled_trial(config: dict) -> dict:
-    """How a searcher that samples lr into the config would rebuild the trial (see TrackingCallback)."""
-    return {**config["base"], "hparams": {**config["base"]["hparams"], "lr": config["lr"]}}
-
-
-def test_custom_trial_of_for_sampled_configs(uri):
+def test_sampled_values_at_the_top_of_the_config(uri):
+    """A searcher (Optuna) samples lr into the Ray config beside the trial: the run is that grid point's."""
     tracker = SweepTracker(uri, "sampled")
     tracker.start_parent({"total": 1})
-    cb = TrackingCallback(tracker, trial_of=_sampled_trial)
+    cb = TrackingCallback(tracker)
     base = make_trial(0.1)
-    tr = SimpleNamespace(trial_id="s", config={"base": base.to_dict(), "lr": 0.05}, error_file=None)
+    tr = SimpleNamespace(trial_id="s", config={"trial": base.to_dict(), "lr": 0.05}, error_file=None)
     cb.on_trial_start(iteration=0, trials=[], trial=tr)
     (r,) = children(uri, "sampled")
     assert r.data.params["lr"] == "0.05"
     assert r.data.tags["xfer.trial_key"] == make_trial(0.05).key != base.key
-    with pytest.raises(TrackingError, match="no 'trial' entry"):
+    with pytest.raises(ValueError, match="no 'trial' entry"):
         TrackingCallback(tracker).on_trial_start(iteration=0, trials=[], trial=SimpleNamespace(
             trial_id="t", config={"lr": 0.1}, error_file=None))
 
@@ -335,7 +340,7 @@ def test_against_a_real_mlflow_server(tmp_path):
         cb.on_trial_start(iteration=0, trials=[], trial=tr)
         cb.on_trial_result(iteration=0, trials=[], trial=tr, result={"xfer_step": 1, "train_loss": 0.5})
         cb.on_trial_result(iteration=0, trials=[], trial=tr, result={
-            **final_result(test_top1=0.9), "artifacts": {"predictions": str(preds)}})
+            **final_result(test_top1=0.9, artifacts={"predictions": str(preds)})})
         report = tmp_path / "report.md"
         report.write_text("# report\n")
         tracking.log_report(uri, parent, [report])
@@ -347,7 +352,7 @@ def test_against_a_real_mlflow_server(tmp_path):
         np.testing.assert_array_equal(s, scores)
         np.testing.assert_array_equal(tg, targets)
         assert [f.path for f in MlflowClient(uri).list_artifacts(parent, "report")] == ["report/report.md"]
-        assert tracking.parent_runs(uri, "served")["run_id"].tolist() == [parent]
+        assert [r.info.run_id for r in parents(uri, "served")] == [parent]
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -375,8 +380,9 @@ def _trainable(config: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     np.savez(out / "predictions.npz", scores=rng.normal(size=(4, 3)), targets=np.arange(4) % 3)
-    tune.report({"xfer_final": True, "xfer_step": 2, "status": "finished", "message": "", "metric": "top1",
-                 "val_top1": 0.4, "steps_done": 2, "artifacts": {"predictions": str(out / "predictions.npz")}})
+    record = TrialRecord(status="finished", metric="top1", metrics={"val_top1": 0.4}, steps_done=2,
+                         artifacts={"predictions": str(out / "predictions.npz")})
+    tune.report({"xfer_final": True, "xfer_step": 2, "xfer_record": json.dumps(record.to_json())})
 
 
 @pytest.fixture(scope="module")

@@ -163,6 +163,9 @@ class TrialSpec:
     def from_config(config: Mapping[str, Any]) -> "TrialSpec":
         """Rebuild a trial from a Ray Tune config: ``{"trial": to_dict()}``, where a searcher (Optuna)
         may have put sampled values of the grid axes at the top level (``{"trial": …, "lr": 0.01}``)."""
+        if "trial" not in config:
+            raise ValueError(f"the Ray trial config has no 'trial' entry (keys: {', '.join(config)}); the sweep "
+                             "passes {'trial': TrialSpec.to_dict()}")
         trial = TrialSpec.from_dict(config["trial"])
         sampled = {k: float(config[k]) for k in trial.hparams if k in config}
         return replace(trial, hparams={**trial.hparams, **sampled}) if sampled else trial
