@@ -207,10 +207,10 @@ def _fit(tuner, stage: str, spec: SweepSpec) -> dict[str, int]:
     unfinished = 0
     for r in tuner.fit():
         metrics = r.metrics or {}
-        if not metrics.get("xfer_final") and r.error is None:
+        if not metrics.get(writer.FINAL) and r.error is None:
             unfinished += 1  # stopped before its final report: Tune was interrupted (Ctrl-C / SIGINT)
             continue
-        s = metrics.get("status", "failed")
+        s = json.loads(metrics[writer.RECORD])["status"] if metrics.get(writer.RECORD) else "failed"
         statuses[s] = statuses.get(s, 0) + 1
     if unfinished:
         raise SweepInterrupted(f"{stage}: interrupted with {unfinished} trial(s) unfinished; "
