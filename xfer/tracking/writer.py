@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from ray.tune import Callback
 
 from xfer.contract import TrialRecord
-from xfer.tracking import readers, schema
+from xfer.tracking import readers, schema  # submodules (the package itself re-exports readers)
 from xfer.tracking import uri as uri_mod
 from xfer.tracking.schema import (MAX_PARAM_LEN, MAX_TAG_LEN, MLFLOW_STATUS, TAG_ATTEMPT, TAG_FINGERPRINT, TAG_KIND,
                                   TAG_MESSAGE, TAG_METRIC, TAG_MODELS, TAG_PARENT, TAG_STATUS, TAG_SWEEP, chunks,
