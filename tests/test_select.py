@@ -47,8 +47,8 @@ def runs_for(trials, val_fn, status_fn=lambda t: "finished", stage="grid", test_
 
 
 def hp_val(t: TrialSpec) -> float:
-    """A smooth validation surface: best at lr=0.01, wd=1e-4 (finetune) and l2=0.1 (linear_probe)."""
-    if t.regime == "finetune":
+    """A smooth validation surface: best at lr=0.01, wd=1e-4 (finetune, scratch) and l2=0.1 (linear_probe)."""
+    if t.regime in ("finetune", "scratch"):
         return 0.9 - 0.1 * abs(math.log10(t.hparams["lr"]) + 2) - (0.01 if t.hparams["wd"] == 0 else 0)
     return 0.8 - 0.05 * abs(math.log10(t.hparams["l2"]) + 1)
 
@@ -279,3 +279,42 @@ def test_a_rerun_logged_twice_counts_once_latest_wins():
     sel = select_best(pd.concat([runs, older.to_frame().T, unknown_time.to_frame().T], ignore_index=True))
     row = cell(sel, "small", "digits", "finetune")
     assert row.run_id == best.run_id and row.val == pytest.approx(0.9)
+
+
+# ------------------------------------------------------------------ what selection refuses to guess
+def test_runs_differing_only_in_what_the_table_cannot_show_are_refused():
+    """Two trials of one cell at the same grid point and seed (here: other options) are not averaged."""
+    from xfer.select import SelectionError
+
+    a = TrialSpec(MODELS[0], DATASETS[0], "finetune", {"lr": 0.01, "wd": 0.0}, {"steps": 10})
+    b = TrialSpec(MODELS[0], DATASETS[0], "finetune", {"lr": 0.01, "wd": 0.0}, {"steps": 20})
+    runs = runs_for([a, b], lambda t: 0.5)
+    with pytest.raises(SelectionError, match=r"small / digits / finetune: runs .* same grid point .* different trials"):
+        select_best(runs)
+    # with the sweep's grid, only its own trial counts: nothing is ambiguous
+    assert select_best(runs, trials=[a])["trial_key"].tolist() == [a.key]
+
+
+def test_a_regime_selection_does_not_know_is_refused():
+    from xfer.select import SelectionError
+
+    runs = runs_for(grid()[:2], lambda t: 0.5).assign(regime="from_a_plugin_not_loaded")
+    with pytest.raises(SelectionError, match="'from_a_plugin_not_loaded': no such regime is registered"):
+        select_best(runs)
+
+
+def test_cells_sharing_a_trial_each_get_the_selection_and_the_final_run():
+    """A scratch trial does not depend on the model entry's weights: two entries of one architecture
+    share its key; each cell is selected and each has a final trial (one run serves both)."""
+    from xfer.regimes import REGIMES
+
+    rule = REGIMES.get("scratch").key_rule
+    m1 = ModelSpec(name="hub-a", arch="test_resnet", weights="hub")
+    m2 = ModelSpec(name="file-b", arch="test_resnet", weights="random")
+    trials = [TrialSpec(m, DATASETS[0], "scratch", hp, {"steps": 10}, key_rule=rule) for m in (m1, m2) for hp in FT_GRID]
+    assert len({t.key for t in trials}) == len(FT_GRID)
+    sel = select_best(runs_for(trials, hp_val), trials=trials)
+    assert sel["model"].tolist() == ["hub-a", "file-b"] and (sel["status"] == "selected").all()
+    assert sel["trial_key"].nunique() == 1
+    finals = final_trials(sel, trials)
+    assert [f.model.name for f in finals] == ["hub-a", "file-b"] and len({f.key for f in finals}) == 1

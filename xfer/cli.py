@@ -268,8 +268,17 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None] | None,
 }
 
 
+def _plugin_parser(add_help: bool = False) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=add_help, prog="xfer",
+                                description="Transfer-learning studies with Ray Tune and MLflow.")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import a module that registers regimes or datasets first (repeatable; a sweep file "
+                        "names its own under `plugins:`)")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="xfer", description="Transfer-learning studies with Ray Tune and MLflow.")
+    parser = _plugin_parser(add_help=True)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_, add, _) in COMMANDS.items():
@@ -286,6 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from xfer.plugins import PluginError, import_plugins
+
+    early, _ = _plugin_parser().parse_known_args(argv)
+    try:  # plugins first: their regimes' axes become `xfer trial` flags
+        import_plugins(early.plugin, "--plugin")
+    except PluginError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

@@ -229,7 +229,7 @@ def final_trials(selection: pd.DataFrame, grid_trials: Sequence[TrialSpec]) -> l
                 f"selection chose trial {row.trial_key} for {row.model} / {row.dataset} / {row.regime}, "
                 "but that trial is not in the sweep's grid (was the sweep file changed since the grid ran?); "
                 "select with select_best(runs, trials=grid_trials) to consider only the current grid")
-        chosen[t.cell] = dict(t.hparams)
+        chosen[(row.model, row.dataset, row.regime)] = dict(t.hparams)  # a shared key maps to one of its cells
     out: list[TrialSpec] = []
     seen: set[str] = set()
     for t in grid_trials:

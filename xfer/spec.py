@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from xfer.layout import LayoutError, safe_name
+from xfer.plugins import PluginError, import_plugins
 from xfer.options import OptionError, is_number, unknown_key_message, yaml_number
 from xfer.regimes import REGIMES, Regime
 from xfer.timm_names import UnknownArchitectureError, check_arch
@@ -40,6 +41,7 @@ TOP_KEYS = {
     "search": "{type: grid} (default) or {type: optuna, num_samples, seed}",
     "final": "{enabled: true} — retrain the best config on train+val and test once",
     "max_concurrent": "cap on trials running at once (default: as resources allow)",
+    "plugins": "modules imported first, in the driver and every trial process (they register regimes, datasets)",
 }
 MODEL_KEYS = ("name", "arch", "weights", "weights_file", "pretrain", "source_top1", "input_size", "paper_name")
 SEARCH_TYPES = ("grid", "optuna")
@@ -224,6 +226,7 @@ class SweepSpec:
     search: Mapping[str, Any] = field(default_factory=lambda: {"type": "grid"})
     final: bool = True
     max_concurrent: int | None = None
+    plugins: tuple[str, ...] = ()
     path: str | None = None
 
     def model(self, name: str) -> ModelSpec:
@@ -276,6 +279,13 @@ def parse_spec(raw: Any, path: str | None = None) -> SweepSpec:
             "spec.seeds", f"a non-empty list of integers, got {seeds!r}")
     for key in ("models", "datasets"):
         _expect(isinstance(raw.get(key), list) and raw.get(key), f"spec.{key}", "required: a non-empty list")
+    plugins = raw.get("plugins") or []
+    _expect(isinstance(plugins, list) and all(isinstance(m, str) and m for m in plugins), "spec.plugins",
+            f"a list of importable module names, got {plugins!r}")
+    try:
+        import_plugins(plugins, "spec.plugins")
+    except PluginError as e:
+        raise SpecError(str(e)) from None
     regimes_raw = raw.get("regimes")
     _expect(isinstance(regimes_raw, Mapping) and regimes_raw, "spec.regimes",
             "required: a mapping of regime name to {grid: ...}")
@@ -324,7 +334,7 @@ def parse_spec(raw: Any, path: str | None = None) -> SweepSpec:
         data_root=raw.get("data_root") or "./data", storage=raw.get("storage") or "./xfer-results",
         tracking_uri=raw.get("tracking_uri"), download=bool(raw.get("download", False)),
         resources={k: dict(v) for k, v in resources.items()}, search=search,
-        final=bool(final.get("enabled", True)), max_concurrent=mc, path=path)
+        final=bool(final.get("enabled", True)), max_concurrent=mc, plugins=tuple(plugins), path=path)
 
 
 def load_spec(path: str | Path) -> SweepSpec:

@@ -22,6 +22,7 @@ import numpy as np
 from xfer.contract import Reporter, RunContext
 from xfer.io import save_npz
 from xfer.layout import StorageLayout
+from xfer.plugins import import_plugins
 from xfer.spec import SweepSpec, load_spec
 from xfer.tracking import writer
 from xfer.trial import ModelSpec, TrialSpec
@@ -68,11 +69,13 @@ def execute_trial(trial: TrialSpec, layout: StorageLayout, *, download: bool, re
     return result
 
 
-def _trainable(config: dict[str, Any], *, storage: str, data_root: str, download: bool) -> None:
+def _trainable(config: dict[str, Any], *, storage: str, data_root: str, download: bool,
+               plugins: Sequence[str] = ()) -> None:
     """The Ray Tune function trainable (thin: everything happens in execute_trial)."""
     import torch
     from ray import tune
 
+    import_plugins(plugins)
     cpus = int(os.environ.get("OMP_NUM_THREADS", "1") or 1)
     torch.set_num_threads(max(1, cpus))
     trial = TrialSpec.from_config(config)
@@ -104,10 +107,12 @@ def trial_configs(trials: Sequence[TrialSpec]) -> list[dict[str, Any]]:
     return out
 
 
-def _compute_features(trial_dict: dict[str, Any], storage: str, data_root: str, download: bool) -> str:
+def _compute_features(trial_dict: dict[str, Any], storage: str, data_root: str, download: bool,
+                      plugins: Sequence[str] = ()) -> str:
     """Ray task: fill the feature store for one linear-probe trial's model × dataset (all splits)."""
     from xfer import features
 
+    import_plugins(plugins)
     trial = TrialSpec.from_dict(trial_dict)
     ctx = RunContext.local(storage, data_root, download=download)
     # the grid reads train/val and the final stage trainval/test: all four in one backbone build
@@ -180,7 +185,7 @@ def _tune_parts(spec: SweepSpec, paths: StorageLayout):
 
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, storage=str(paths.storage), data_root=str(paths.data_root),
-                             download=spec.download),
+                             download=spec.download, plugins=tuple(spec.plugins)),
         _resources(spec))
     return trainable
 
@@ -328,7 +333,8 @@ def run_features(trials: Sequence[TrialSpec], *, spec: SweepSpec, paths: Storage
     res = spec.resources_for(next(iter(need.values())).regime)
     task = ray.remote(num_cpus=res["cpu"], num_gpus=res["gpu"], max_retries=1)(_compute_features)
     print(f"features: computing {len(need)} frozen-feature sets", file=out, flush=True)
-    refs = [task.remote(t.to_dict(), str(paths.storage), str(paths.data_root), spec.download) for t in need.values()]
+    refs = [task.remote(t.to_dict(), str(paths.storage), str(paths.data_root), spec.download, tuple(spec.plugins))
+            for t in need.values()]
     for i, ref in enumerate(refs, 1):
         ray.get(ref)
         print(f"[features {i}/{len(refs)}] done", file=out, flush=True)
