@@ -202,3 +202,50 @@ def test_yaml_exponent_strings_are_numbers():
     with pytest.raises(SpecError, match="expected a number"):
         raw["regimes"]["linear_probe"]["grid"]["l2"] = ["small"]
         parse_spec(raw)
+
+
+# keys the previous release computed for sweeps/quickstart.yaml: a finished study must be reused
+PREVIOUS_KEYS = {("resnet-long", "synthetic_near", "linear_probe"): "2c5fdbef1f64bf5f",
+                 ("resnet-long", "synthetic_near", "finetune"): "4a225e0634f5069c"}
+PREVIOUS_PRETRAIN_KEYS = ["a3d66d98278216a8", "87ceb39a898a3db0", "8b93d6f9acd84181", "cf21025231ee0adf"]
+
+
+def test_quickstart_keys_of_finished_regimes_are_unchanged():
+    from xfer.spec import load_spec
+
+    spec = load_spec(Path(__file__).parents[1] / "sweeps" / "quickstart.yaml")
+    first = {}
+    for t in spec.grid_trials():
+        first.setdefault(t.cell, t.key)
+    for cell, key in PREVIOUS_KEYS.items():
+        assert first[cell] == key, cell
+    assert [t.key for t in spec.pretrain_trials()] == PREVIOUS_PRETRAIN_KEYS
+
+
+def test_scratch_keys_follow_the_architecture_not_the_weights():
+    """Identity is the regime's: scratch hashes architecture, input size, data, hyper-parameters and seed —
+    model entries of one architecture share its trials, and a changed pretrain block re-runs no scratch trial."""
+    raw = copy.deepcopy(BASE)
+    raw["regimes"]["scratch"] = {"grid": {"lr": [0.1], "wd": [0.0]}, "steps": 5}
+    raw["models"] = [{"name": "a", "arch": "test_resnet", "weights": "random"},
+                     {"name": "b", "arch": "test_resnet", "weights": "pretrain",
+                      "pretrain": {"dataset": "synthetic_source", "steps": 10}},
+                     {"name": "c", "arch": "test_byobnet", "weights": "random"}]
+
+    def keys(r):
+        return {t.model.name: t.key for t in parse_spec(r).grid_trials() if t.regime == "scratch"}
+
+    k = keys(raw)
+    assert k["a"] == k["b"] != k["c"]
+    raw["models"][1]["pretrain"]["steps"] = 20
+    assert keys(raw) == k
+    ft = {t.model.name: t.key for t in parse_spec(raw).grid_trials() if t.regime == "finetune"}
+    assert len(set(ft.values())) == 3  # fine-tuning does load the weights: every entry is its own trial
+    raw["models"][0]["input_size"] = 48
+    assert keys(raw)["a"] != k["a"]
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", ".hidden", "two words"])
+def test_sweep_names_never_leave_the_storage_root(name):
+    with pytest.raises(SpecError, match="spec.name: sweep name .* cannot be used as a folder name"):
+        parse_spec(spec_with(name=name))

@@ -170,8 +170,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"sweep {p['sweep']}: {p['models']} models × {p['datasets']} datasets × {p['seeds']} seed(s)")
     for r, n in p["by_regime"].items():
         grid = " × ".join(f"{a}:{k}" for a, k in p["grids"][r].items())
-        print(f"  {r:<14} {n:>7} trials  ({p['per_cell_by_regime'][r]} per model/dataset: {grid})")
-    print(f"  {'grid total':<14} {p['total']:>7}")
+        shared = p["distinct_by_regime"][r]
+        note = f"; {shared} distinct, model entries share the rest" if shared < n else ""
+        print(f"  {r:<14} {n:>7} trials  ({p['per_cell_by_regime'][r]} per model/dataset: {grid}{note})")
+    print(f"  {'grid total':<14} {p['total']:>7}" + (f"  ({p['distinct']} distinct)" if p["distinct"] < p["total"] else ""))
     print(f"  {'pretrain':<14} {p['pretrain']:>7}  (source-training runs before the grid)")
     print(f"  {'final':<14} {p['final']:>7}  (retrain best config on train+val, test once)")
     if args.verbose:

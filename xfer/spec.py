@@ -355,18 +355,22 @@ def load_spec(path: str | Path) -> SweepSpec:
 
 
 def plan(spec: SweepSpec) -> dict[str, Any]:
-    """Trial counts, for `xfer plan` (``total`` counts grid trials)."""
+    """Trial counts, for `xfer plan`: ``total`` counts grid cells × grid points, ``distinct`` the trials
+    that actually run (model entries share a trial when their regime's identity ignores what differs)."""
     trials = spec.grid_trials()
     by_regime: dict[str, int] = {}
     by_cell: dict[str, int] = {}
+    distinct: dict[str, set[str]] = {}
     for t in trials:
         by_regime[t.regime] = by_regime.get(t.regime, 0) + 1
+        distinct.setdefault(t.regime, set()).add(t.key)
         cell = f"{t.model.name} / {t.dataset.display}"
         by_cell[cell] = by_cell.get(cell, 0) + 1
     per_cell_regime = {r.name: math.prod(len(v) for v in r.grid.values()) for r in spec.regimes}
     n_cells = len(spec.models) * len(spec.datasets) * len(spec.seeds)
     return {
-        "sweep": spec.name, "total": len(trials), "pretrain": len(spec.pretrain_trials()),
+        "sweep": spec.name, "total": len(trials), "distinct": sum(len(k) for k in distinct.values()),
+        "distinct_by_regime": {r: len(k) for r, k in distinct.items()}, "pretrain": len(spec.pretrain_trials()),
         "final": n_cells * len(spec.regimes) if spec.final else 0,
         "models": len(spec.models), "datasets": len(spec.datasets), "seeds": len(spec.seeds),
         "by_regime": by_regime, "per_cell_by_regime": per_cell_regime, "by_model_dataset": by_cell,

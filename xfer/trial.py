@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from xfer.hashing import stable_hash
+from xfer.timm_names import preprocessing
 
 PROTOCOL_VERSION = "1"
 WEIGHT_SOURCES = ("hub", "random", "pretrain", "file")
@@ -83,10 +84,20 @@ class ModelSpec:
             return f"file:{p.resolve()}:{size}"
         return f"{self.weights}:{self.arch}"
 
-    def key_fields(self) -> dict[str, Any]:
-        # the name is part of the key: a trial belongs to a model entry of the study (two entries with
-        # the same architecture keep separate scratch runs, and the report finds each under its name)
-        return {"name": self.name, "arch": self.arch, "weights": self.weights_id(), "input_size": self.input_size}
+    def key_fields(self, names: tuple[str, ...] = ("name", "arch", "weights", "input_size")) -> dict[str, Any]:
+        """The model's identity fields a key may hash (a regime's ``KeyRule.model`` picks them):
+        ``name``, ``arch`` (with its pretrained tag), ``weights`` (``weights_id``), ``input_size``,
+        ``architecture`` (the bare timm name) and ``preprocessing`` (timm's resolved input size, mean,
+        std, crop, interpolation). The default set keeps the name: a trial belongs to a model entry."""
+        fields: dict[str, Callable[[], Any]] = {
+            "name": lambda: self.name, "arch": lambda: self.arch, "weights": self.weights_id,
+            "input_size": lambda: self.input_size, "architecture": lambda: self.arch.split(".")[0],
+            "preprocessing": lambda: preprocessing(self.arch, self.input_size) or {"input_size": self.input_size},
+        }
+        unknown = [n for n in names if n not in fields]
+        if unknown:
+            raise ValueError(f"unknown model identity field(s) {', '.join(unknown)}; valid: {', '.join(fields)}")
+        return {n: fields[n]() for n in names}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -139,9 +150,8 @@ class TrialSpec:
 
     @property
     def key(self) -> str:
-        fields = self.model.key_fields()
         return stable_hash({
-            "model": {f: fields[f] for f in self.key_rule.model}, "dataset": self.dataset.key_fields(),
+            "model": self.model.key_fields(self.key_rule.model), "dataset": self.dataset.key_fields(),
             "regime": self.regime, "hparams": dict(self.hparams),
             "options": {k: v for k, v in self.options.items() if k not in self.key_rule.ignore_options},
             "seed": self.seed, "stage": self.stage, "protocol": PROTOCOL_VERSION,

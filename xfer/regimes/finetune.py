@@ -3,8 +3,9 @@
 ``finetune``: the model's weights (hub / file / pretrain), a new head, every layer trained.
 ``scratch``: the same recipe from timm's random initialisation — whatever the model's ``weights`` say —
 with its own, longer default schedule (SimCLR App. B.8 uses 40,000 steps) and its own grid in the sweep.
-A scratch trial never loads weights, so its key hashes the architecture and input size, not the model
-entry: several model entries of one architecture share one scratch trial.
+A scratch trial never loads weights, so its key hashes the architecture and its preprocessing, not the
+model entry: model entries of one architecture and preprocessing (e.g. several checkpoints of one
+network) share one scratch trial.
 
 Both train on ``splits_for(stage).train`` and report the dataset's metric on ``.eval`` once, after
 training (``eval_every`` > 0 adds periodic validation in grid trials only: the final stage looks at
@@ -102,7 +103,8 @@ class Scratch(FineTune):
     label = "Trained from random initialisation"
     options = _options(40000)  # SimCLR App. B.8
     from_scratch = True
-    model_identity = ("arch", "input_size")  # no weights are loaded, so none enter the key
+    # no weights are loaded, so none enter the key: the architecture and the preprocessing it is fed with
+    model_identity = ("architecture", "preprocessing")
 
 
 REGIMES.add(FineTune.name, FineTune())
