@@ -71,7 +71,7 @@ def test_per_class_sample_takes_k_per_class():
 
 
 # ------------------------------------------------------------------------------------- registry
-PAPER = {  # DESIGN.md §4: classes, metric, validation rule
+PAPER = {  # the paper's table: classes, metric, validation rule
     "food101": (101, "top1", "heldout"), "cifar10": (10, "top1", "heldout"),
     "cifar100": (100, "top1", "heldout"), "birdsnap": (500, "top1", "heldout"),
     "sun397": (397, "top1", "heldout"), "stanford_cars": (196, "top1", "heldout"),

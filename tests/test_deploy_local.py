@@ -56,7 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "k8s" / "base"
 BIN = Path(sys.executable).parent
 PLACEHOLDER = re.compile(r"^CHANGE-ME(-[a-z0-9-]+)?$")
-LOCAL_CPUS_PER_NODE = 1  # DESIGN §7: one CPU and a small object store per Ray node on this machine
+LOCAL_CPUS_PER_NODE = 1  # one CPU and a small object store per Ray node on this machine
 OBJECT_STORE_BYTES = 100 * 1024 * 1024
 
 TEST_SPEC = """\

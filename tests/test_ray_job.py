@@ -1,5 +1,5 @@
 """The cluster entry point: `ray job submit --working-dir . -- xfer sweep …` against a real Ray head
-started with `ray start --head` on 127.0.0.1 (DESIGN §7), stopped and cleaned up by the test."""
+started with `ray start --head` on 127.0.0.1, stopped and cleaned up by the test."""
 from __future__ import annotations
 
 import os

@@ -387,7 +387,7 @@ def _trainable(config: dict) -> None:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """A one-CPU local Ray (token auth off, DESIGN §7); reuses one another test module started."""
+    """A one-CPU local Ray (token auth off); reuses one another test module started."""
     import ray
     import ray.cloudpickle
 

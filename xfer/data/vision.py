@@ -2,7 +2,7 @@
 
 torchvision finds, checks and (with ``download=True``) fetches the files under ``root`` in its usual
 layout, so an existing torchvision data folder works as is. We take the file lists and labels it
-parsed and apply the paper's split rule (DESIGN.md §4) ourselves: held-out validation is a seeded,
+parsed and apply the paper's split rule (README: Protocol notes) ourselves: held-out validation is a seeded,
 stratified 20% of train; "official" uses the dataset's own val; Caltech-101 takes 30 random images
 per class for train (val held out from those) and tests on the rest. Images are loaded by
 ``folder.load_rgb`` so a corrupt file is reported by name (``BadImageError``, at first read: these
