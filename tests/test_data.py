@@ -20,7 +20,8 @@ from xfer.data.splits import per_class_sample, stratified_holdout
 from xfer.data.transforms import DataConfig, eval_transform, train_transform
 from xfer.registry import UnknownNameError
 
-OFFLINE = ["synthetic_source", "synthetic_near", "synthetic_far", "synthetic", "digits"]
+# every registered dataset that makes its own data (an image folder needs the user's files)
+OFFLINE = [n for n in DATASETS.names() if DATASETS.get(n).info.offline and DATASETS.get(n).cache]
 SMALL = {"train_per_class": 12, "test_per_class": 4}  # for rebuilding synthetic tasks cheaply
 
 
@@ -103,15 +104,13 @@ def test_unknown_dataset_and_option_errors():
     assert {"num_classes", "distance", "seed"} <= dataset_option_names("synthetic")
 
 
-def test_build_from_ref_uses_the_run_context(tmp_path):
-    from xfer.regimes.base import RunContext
-    from xfer.spec import DatasetRef
+def test_build_from_ref_reads_the_given_data_root(tmp_path):
+    from xfer.trial import DatasetRef
 
-    ctx = RunContext.local(storage=tmp_path, data_root=tmp_path, download=False)
-    ds = build_from_ref(DatasetRef("synthetic_far", {"train_per_class": 12, "test_per_class": 4}), data_root=ctx.data_root, download=ctx.download)
+    ds = build_from_ref(DatasetRef("synthetic_far", {"train_per_class": 12, "test_per_class": 4}), data_root=tmp_path)
     assert ds.counts()["test"] == 40
-    with pytest.raises(DatasetNotFoundError, match=str(tmp_path)):
-        build_from_ref(DatasetRef("cifar10", {"download": False}), data_root=ctx.data_root, download=ctx.download)
+    with pytest.raises(DatasetNotFoundError, match=str(tmp_path)):  # the reference's download option wins
+        build_from_ref(DatasetRef("cifar10", {"download": False}), data_root=tmp_path, download=True)
 
 
 # ---------------------------------------------------------------------- offline contract (shared)

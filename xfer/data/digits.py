@@ -6,6 +6,7 @@ and 20% of the rest is held out as validation.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,8 @@ from xfer.data.base import DatasetInfo
 from xfer.data.splits import ArrayPool, Part, SplitDataset, stratified_holdout
 
 GENERATOR_VERSION = "1"
+INFO = DatasetInfo(name="digits", num_classes=10, metric="top1", val_rule="heldout", offline=True,
+                   description="scikit-learn handwritten digits (8x8 upsampled to RGB)")
 
 
 def digit_images(image_size: int) -> tuple[torch.Tensor, np.ndarray]:
@@ -41,8 +44,7 @@ def build_digits(*, name: str, root: Path, download: bool, image_size: int, test
     images, labels = digit_images(image_size)
     rest, test = stratified_holdout(labels, test_fraction, split_seed)
     tr, va = stratified_holdout(labels[rest], val_fraction, split_seed + 1)
-    info = DatasetInfo(name=name, num_classes=10, metric="top1", val_rule="heldout", offline=True,
-                       description="scikit-learn handwritten digits (8x8 upsampled to RGB)")
+    info = replace(INFO, name=name)
     parts = {"train": [Part("all", rest[tr])], "val": [Part("all", rest[va])], "test": [Part("all", test)]}
     identity = {"generator": GENERATOR_VERSION, "image_size": image_size, "test_fraction": test_fraction,
                 "val_fraction": val_fraction, "split_seed": split_seed}
@@ -50,8 +52,7 @@ def build_digits(*, name: str, root: Path, download: bool, image_size: int, test
 
 
 DATASETS.add("digits", DatasetEntry(
-    info=DatasetInfo(name="digits", num_classes=10, metric="top1", val_rule="heldout", offline=True,
-                     description="scikit-learn handwritten digits (8x8 upsampled to 32x32 RGB)"),
+    info=INFO,
     options={"image_size": 32, "test_fraction": 1 / 3, "val_fraction": 0.2, "split_seed": 0},
     builder=build_digits, cache=True,
     option_help={"image_size": "side of the upsampled images", "test_fraction": "stratified fraction held out as test",
