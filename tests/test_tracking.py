@@ -308,6 +308,7 @@ def test_sampled_values_at_the_top_of_the_config(uri):
 # A real tracking server
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_against_a_real_mlflow_server(tmp_path):
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
@@ -421,6 +422,7 @@ def _fit(tracker: SweepTracker, trials: list[TrialSpec], storage: Path, flag: Pa
     return tuner.fit()
 
 
+@pytest.mark.integration
 def test_real_ray_tune_run(uri, tmp_path, local_ray):
     good, bad = make_trial(0.1), make_trial(0.01)
     flag = tmp_path / "fail"
