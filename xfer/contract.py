@@ -55,6 +55,9 @@ class RunContext:
     work_dir: Path | None = None  # per-trial folder for periodic checkpoints (exact resume)
     report: Reporter = _no_report  # per-step metrics (train_loss, val_<metric>) for tracking/progress
     num_workers: int = 0  # DataLoader workers
+    # torch threads for a CPU trial, pinned because the count changes float results (engine.pinned_threads);
+    # None leaves the process's own count, which depends on OMP_NUM_THREADS, Ray and the machine
+    threads: int | None = 1
 
     @staticmethod
     def local(storage: str | Path, data_root: str | Path, **kw: Any) -> "RunContext":

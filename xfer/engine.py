@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -110,6 +110,29 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
 def _permutation(n: int, seed: int, epoch: int) -> list[int]:
     g = torch.Generator().manual_seed(mix(seed, "epoch", epoch))
     return torch.randperm(n, generator=g).tolist()
+
+
+@contextmanager
+def pinned_threads(ctx: RunContext) -> Iterator[None]:
+    """Run the block with ``ctx.threads`` torch threads when the trial runs on CPU, then restore the count.
+
+    Why: CPU kernels (convolutions, matmuls, batch-norm statistics) split their float reductions across
+    threads, so the thread count changes the rounding, and over a few hundred SGD steps the rounding
+    changes the result (quickstart ``resnet-long``: source top-1 0.7275 at 1 thread, 0.7117 at 2,
+    0.7163 at 4). Left alone, the count comes from the environment (OMP_NUM_THREADS in the shell, Ray's
+    per-worker default, the core count), so the same spec and seed gave different metrics. On CUDA the
+    model runs on the GPU and the count is left alone."""
+    if ctx.threads is None or ctx.resolved_device() != "cpu":
+        yield
+        return
+    if ctx.threads < 1:
+        raise ValueError(f"RunContext.threads must be >= 1 or None, got {ctx.threads!r}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(ctx.threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------ data plumbing

@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from xfer.data.base import SPLITS
+from xfer.engine import pinned_threads
 from xfer.io import save_torch
 from xfer.contract import RunContext, splits_for
 from xfer.hashing import stable_hash
@@ -229,8 +230,9 @@ def _compute(built: _Built, splits: Sequence[str], batch_size: int) -> dict[str,
         log.info("feature store miss %s: extracting %s features of %s/%s (%d images) on %s",
                  key, model.name, ref.display, split, len(data), device)
         t0 = time.perf_counter()
-        x, y = extract_features(backbone.model, data, backbone.data_config, batch_size=batch_size,
-                                device=device, num_workers=ctx.num_workers)
+        with pinned_threads(ctx):  # stored features must not depend on the worker's thread count
+            x, y = extract_features(backbone.model, data, backbone.data_config, batch_size=batch_size,
+                                    device=device, num_workers=ctx.num_workers)
         info = ds.info
         meta = {
             "key": key, "split": split, "model": model.name, "arch": model.arch, "weights": model.weights_id(),

@@ -65,5 +65,9 @@ class StorageLayout:
         """Ray Tune's experiment state (what ``--resume`` restores)."""
         return self.storage / "ray"
 
+    def journal_dir(self, sweep: str) -> Path:
+        """Results waiting for the tracking server (``xfer.tracking.journal``)."""
+        return self.storage / "journal" / safe_name(sweep, "sweep name")
+
     def report_dir(self, sweep: str) -> Path:
         return self.storage / "reports" / safe_name(sweep, "sweep name")

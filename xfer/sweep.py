@@ -72,12 +72,9 @@ def execute_trial(trial: TrialSpec, layout: StorageLayout, *, download: bool, re
 def _trainable(config: dict[str, Any], *, storage: str, data_root: str, download: bool,
                plugins: Sequence[str] = ()) -> None:
     """The Ray Tune function trainable (thin: everything happens in execute_trial)."""
-    import torch
     from ray import tune
 
-    import_plugins(plugins)
-    cpus = int(os.environ.get("OMP_NUM_THREADS", "1") or 1)
-    torch.set_num_threads(max(1, cpus))
+    import_plugins(plugins)  # (torch's thread count is pinned per trial by run_trial)
     trial = TrialSpec.from_config(config)
     shared = [ModelSpec.from_dict(m) for m in config["trial"].get(SHARED, [])]
     latest = {writer.OBJECTIVE: 0.0}  # searchers read an objective from every report, not just the last
@@ -237,6 +234,8 @@ def run_stage(stage: str, trials: Sequence[TrialSpec], *, spec: SweepSpec, paths
     out = stream or sys.stdout
     t0 = time.perf_counter()
     done = tracking.finished_keys(tracker.uri, tracker.experiment_name, stage)
+    if tracker.journal is not None:
+        done |= tracker.journal.keys(stage)  # results kept while the server was away: not run again
     keys = {t.key for t in trials}
     todo = [t for t in trials if t.key not in done or t.key in rerun]
     n_todo = len({t.key for t in todo})
@@ -354,7 +353,9 @@ class SweepResult:
 def run_sweep(spec: SweepSpec, *, tracking_uri: str | None = None, address: str | None = None,
               storage: str | None = None, data_root: str | None = None, resume: bool = False,
               final: bool | None = None, max_concurrent: int | None = None, report_dir: str | None = None,
-              quiet: bool = False, stream: IO[str] | None = None) -> SweepResult:
+              quiet: bool = False, stream: IO[str] | None = None, final_wait_s: float = 600.0) -> SweepResult:
+    """Run the study's stages (see the module docstring). ``final_wait_s``: how long the final stage
+    waits for a tracking server that went away to take the journaled grid results before it gives up."""
     from xfer import tracking
     from xfer.tracking.writer import SweepTracker
 
@@ -364,12 +365,17 @@ def run_sweep(spec: SweepSpec, *, tracking_uri: str | None = None, address: str 
     paths = StorageLayout(Path(storage or spec.storage), Path(data_root or spec.data_root))
     paths.storage.mkdir(parents=True, exist_ok=True)
     where = connect_ray(address)
-    tracker = SweepTracker(uri, spec.name)
+    tracker = SweepTracker(uri, spec.name, journal_dir=paths.journal_dir(spec.name))
     from xfer.spec import plan
 
     summary = {k: v for k, v in plan(spec).items() if k != "by_model_dataset"}
     parent = tracker.start_parent(summary, spec_path=spec.path)
     print(f"sweep {spec.name}: {where}; tracking {uri} (parent run {parent})", file=out, flush=True)
+    waiting = len(tracker.journal)
+    if waiting:  # results an earlier invocation kept while the server was away
+        left = tracker.flush_journal()
+        print(f"tracking: logged {waiting - left} result(s) an earlier invocation kept in {tracker.journal.folder}"
+              + (f"; {left} still waiting" if left else ""), file=out, flush=True)
     stages: list[StageOutcome] = []
     status = "failed"
     try:
@@ -393,6 +399,12 @@ def run_sweep(spec: SweepSpec, *, tracking_uri: str | None = None, address: str 
         if (spec.final if final is None else final):
             from xfer import final as final_stage
 
+            left = tracker.flush_journal(wait_s=final_wait_s, stream=out)
+            if left:
+                raise tracking.TrackingError(
+                    f"{left} grid result(s) are kept in {tracker.journal.folder} but not yet in MLflow at {uri}, "
+                    "and selection reads MLflow: start the tracking server and run the same `xfer sweep` again "
+                    "(it logs them first and runs nothing twice)")
             finals = final_stage.final_trials_for(spec, uri, stream=out)
             stages.append(run_stage("final", finals, **kw))
             report = final_stage.write_report(spec, uri, parent, paths, report_dir=report_dir, stream=out)
@@ -402,7 +414,13 @@ def run_sweep(spec: SweepSpec, *, tracking_uri: str | None = None, address: str 
         status = "killed"
         raise
     finally:
-        tracker.end_parent(status)
+        try:
+            tracker.end_parent(status)
+        except Exception as e:  # noqa: BLE001 - an unreachable server must not hide the sweep's own outcome
+            if not tracking.is_outage(e):
+                raise
+            print(f"tracking: could not close the parent run {parent} ({tracking.TrackingError.__name__}: server "
+                  f"unreachable); it stays RUNNING in MLflow", file=out, flush=True)
         _print_summary(spec, uri, stages, out)
 
 

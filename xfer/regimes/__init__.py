@@ -26,11 +26,14 @@ __all__ = ["REGIMES", "Axis", "Option", "Regime", "run_trial"]
 def run_trial(trial: "TrialSpec", ctx: RunContext) -> TrialRecord:
     """Run one trial; never raises for a bad trial. A non-finite loss → ``diverged``, any other
     error → ``failed`` with the message (the sweep goes on; the tracking run records why). The
-    record's ``seconds`` is the trial's own wall time."""
+    record's ``seconds`` is the trial's own wall time. CPU trials run with ``ctx.threads`` torch threads."""
+    from xfer.engine import pinned_threads
+
     t0 = time.perf_counter()
     try:
         regime = REGIMES.get(trial.regime)
-        record = regime.run(trial, ctx)
+        with pinned_threads(ctx):  # same spec + seed + machine -> same metrics, whatever the environment
+            record = regime.run(trial, ctx)
     except Diverged as e:
         record = TrialRecord(status="diverged", message=str(e))
     except KeyboardInterrupt:

@@ -3,15 +3,16 @@
 - ``uri``: where to track (URI resolution, fail-fast reachability, client and experiment look-ups);
 - ``schema``: what a run records (tags, params, metrics) and how it reads back as table rows;
 - ``writer``: the sweep's experiment and parent run, and the Ray Tune callback (the only writer);
-- ``readers``: the runs table, finished keys, predictions, report attachments.
+- ``readers``: the runs table, finished keys, predictions, report attachments;
+- ``journal``: results kept on the sweep's storage while the server is away, logged when it is back.
 
 Importing this package imports neither Ray nor MLflow; only ``writer`` needs Ray.
 """
 from __future__ import annotations
 
 from xfer.tracking.readers import finished_keys, load_predictions, load_runs, log_report
-from xfer.tracking.uri import (DEFAULT_TRACKING_URI, TrackingError, absolute_sqlite, check_reachable,
+from xfer.tracking.uri import (DEFAULT_TRACKING_URI, TrackingError, absolute_sqlite, check_reachable, is_outage,
                                resolve_tracking_uri)
 
-__all__ = ["DEFAULT_TRACKING_URI", "TrackingError", "absolute_sqlite", "check_reachable", "finished_keys",
+__all__ = ["DEFAULT_TRACKING_URI", "TrackingError", "absolute_sqlite", "check_reachable", "finished_keys", "is_outage",
            "load_predictions", "load_runs", "log_report", "resolve_tracking_uri"]

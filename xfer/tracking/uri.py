@@ -28,6 +28,20 @@ class TrackingError(RuntimeError):
     """A tracking problem the user can fix (unreachable server, missing experiment, bad URI)."""
 
 
+_OUTAGE_TEXT = re.compile(r"Max retries exceeded|Connection ?(Error|refused|reset|aborted)|timed? ?out|"
+                          r"Temporarily Unavailable|\b50[234]\b|database is locked", re.IGNORECASE)
+
+
+def is_outage(e: BaseException) -> bool:
+    """Whether an error from an MLflow call means the server is away (worth keeping the result and
+    retrying later) rather than a bad request: connection errors, timeouts, 502/503/504, and MLflow's
+    wrapping of them after its own retries."""
+    if isinstance(e, (OSError, TimeoutError)):
+        return True
+    return bool(_OUTAGE_TEXT.search(f"{type(e).__name__}: {e}"))
+
+
+
 def resolve_tracking_uri(cli_value: str | None, spec_value: str | None) -> str:
     """CLI flag > $MLFLOW_TRACKING_URI > the spec's ``tracking_uri`` > ``sqlite:///mlflow.db`` (in the
     working directory). The file store (``./mlruns``) is not a default: recent MLflow refuses it."""

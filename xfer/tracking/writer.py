@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import IO, TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from ray.tune import Callback
 
@@ -26,7 +27,8 @@ from xfer.tracking import uri as uri_mod
 from xfer.tracking.schema import (MAX_PARAM_LEN, MAX_TAG_LEN, MLFLOW_STATUS, TAG_ATTEMPT, TAG_FINGERPRINT, TAG_KIND,
                                   TAG_MESSAGE, TAG_METRIC, TAG_MODELS, TAG_PARENT, TAG_STATUS, TAG_SWEEP, chunks,
                                   flatten, numeric, provenance_tags, safe_key)
-from xfer.tracking.uri import TrackingError
+from xfer.tracking.journal import Journal
+from xfer.tracking.uri import TrackingError, is_outage
 from xfer.trial import TrialSpec
 
 if TYPE_CHECKING:
@@ -42,6 +44,10 @@ STEP = "xfer_step"
 MODELS = "xfer_models"
 OBJECTIVE = "xfer_objective"  # what a searcher (Optuna) maximises
 _OWN_KEYS = {FINAL, RECORD, STEP, MODELS, OBJECTIVE}
+# the driver's MLflow client gives up on an unreachable server in seconds (MLflow's defaults retry for
+# minutes); results are journaled meanwhile, so nothing waits on it. The user's own settings win.
+FAIL_FAST_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 
 # (uri, experiment) -> parent run id of the invocation running in this process. A restored Tuner
 # unpickles the callbacks it was created with (they carry the *old* parent run); they log under the
@@ -56,11 +62,14 @@ class SweepTracker:
     after unpickling.
     """
 
-    def __init__(self, uri: str, experiment_name: str) -> None:
+    def __init__(self, uri: str, experiment_name: str, journal_dir: Path | None = None) -> None:
         if not experiment_name or not str(experiment_name).strip():
             raise TrackingError("the MLflow experiment name (the sweep name) must be a non-empty string")
         self.uri = uri
         self.experiment_name = experiment_name
+        self.journal = Journal(journal_dir) if journal_dir is not None else None
+        for name, value in FAIL_FAST_HTTP.items():  # an outage shows in seconds, not after minutes of retries
+            os.environ.setdefault(name, value)
         self._parent_run_id: str | None = None
         self._client_obj: MlflowClient | None = None
         self._experiment_id: str | None = None
@@ -158,6 +167,24 @@ class SweepTracker:
     def callback(self) -> "TrackingCallback":
         return TrackingCallback(self)
 
+    def flush_journal(self, wait_s: float = 0.0, stream: IO[str] | None = None) -> int:
+        """Log the journal's waiting results to MLflow; with ``wait_s``, keep trying (every few seconds)
+        until they are all in or the time is up. Returns how many are still waiting."""
+        if self.journal is None or not len(self.journal):
+            return 0
+        cb = self.callback()
+        deadline = time.monotonic() + wait_s
+        said = False
+        while True:
+            left = cb.flush()
+            if not left or time.monotonic() >= deadline:
+                return left
+            if not said and stream is not None:
+                print(f"tracking: waiting for the MLflow server at {self.uri} to log {left} result(s) kept in "
+                      f"{self.journal.folder} (up to {wait_s:.0f}s)", file=stream, flush=True)
+                said = True
+            time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+
 
 
 def _ray_bookkeeping_keys() -> set[str]:
@@ -177,7 +204,14 @@ class TrackingCallback(Callback):
     invocation. on_trial_result: numeric metrics at ``step=result["xfer_step"]``; the final result
     (``xfer_final``) carries the ``TrialRecord``: status, message, metric, fingerprints, artifacts,
     timings; it closes the run. on_trial_error / a completion without a final result: ``failed``.
+
+    A tracking server that goes away never stops the sweep: the final result is first written to the
+    tracker's journal (durable, on the sweep's storage), metrics that could not be sent are kept with
+    it, one warning line says so, and the journal is logged once the server answers again (retried at
+    most every ``RETRY_S`` seconds and at the end of the stage).
     """
+
+    RETRY_S = 15.0
 
     def __init__(self, tracker: SweepTracker) -> None:
         self.tracker = tracker
@@ -187,7 +221,15 @@ class TrackingCallback(Callback):
         # trial ids started by this process whose run is still open (not persisted: after a restore,
         # trials that finished before must never be touched again)
         self._open: set[str] = set()
+        self._unsent: dict[str, list[tuple[str, float, int]]] = {}  # metrics not logged (server away)
         self._skip = _ray_bookkeeping_keys() | _OWN_KEYS
+        self._down_since: float | None = None
+        self._last_try = 0.0
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_unsent={}, _down_since=None, _last_try=0.0)
+        return state
 
     # -- Tune state (saved in experiment checkpoints, handed back on Tuner.restore) --------------
     def get_state(self) -> dict[str, Any] | None:
@@ -203,54 +245,147 @@ class TrackingCallback(Callback):
 
     # -- hooks -----------------------------------------------------------------------------------
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._start(trial)
+        self._keys.setdefault(trial.trial_id, TrialSpec.from_config(trial.config).key)
+        self._guard(self._start, trial)
+        self._maybe_flush()
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        run_id = self._runs.get(trial.trial_id) or self._start(trial)
         step = int(result.get(STEP, result.get("training_iteration", self._steps.get(trial.trial_id, 0))))
         self._steps[trial.trial_id] = step
         if result.get(FINAL):
-            self._finish(trial, run_id, result, step)
-        else:
-            self._log_metrics(run_id, {k: v for k, v in result.items() if k not in self._skip}, step)
+            self._final(trial, result, step)
+            return
+        values = {k: v for k, v in result.items() if k not in self._skip}
+        run_id = self._runs.get(trial.trial_id) or self._guard(self._start, trial)
+        if run_id is None or not self._guard(self._log_metrics, run_id, values, step, ok=True):
+            self._unsent.setdefault(trial.trial_id, []).extend(
+                (k, x, step) for k, v in values.items() if (x := numeric(v)) is not None)
+        self._maybe_flush()
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        if trial.trial_id in self._open or trial.trial_id not in self._runs:
-            run_id = self._runs.get(trial.trial_id) or self._start(trial)
-            self._fail(trial, run_id, "the trial ended without a final result (stopped early or killed)")
+        if trial.trial_id in self._open or trial.trial_id not in self._runs and not self._journaled(trial):
+            self._guard(self._fail, trial, "the trial ended without a final result (stopped early or killed)")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         text = _read_error(getattr(trial, "error_file", None))
-        if trial.trial_id in self._runs and trial.trial_id not in self._open:
-            run_id = self._runs[trial.trial_id]
+        if (trial.trial_id in self._runs and trial.trial_id not in self._open) or self._journaled(trial):
             # the trial had already reported its result; keep it, but say what went wrong afterwards
             log.warning("trial %s errored after its final result: %s", self._keys.get(trial.trial_id), text)
-            self.client.set_tag(run_id, "xfer.error_after_result", _last_line(text)[:MAX_TAG_LEN])
+            if trial.trial_id in self._runs:
+                self._guard(self.client.set_tag, self._runs[trial.trial_id], "xfer.error_after_result",
+                            _last_line(text)[:MAX_TAG_LEN])
             return
-        run_id = self._runs.get(trial.trial_id) or self._start(trial)
-        self._log_error_file(run_id, getattr(trial, "error_file", None))
-        self._fail(trial, run_id, _last_line(text) or "the trial raised an error (see error.txt)")
+        self._guard(self._error, trial, text)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         for trial in trials:
             if trial.trial_id in self._open:
-                self._fail(trial, self._runs[trial.trial_id], "the sweep ended before the trial finished")
+                self._guard(self._fail, trial, "the sweep ended before the trial finished")
+        self.flush()
+
+    # -- outages ---------------------------------------------------------------------------------
+    def _guard(self, fn: Callable[..., Any], *args: Any, ok: Any = None) -> Any:
+        """Call ``fn``; an unreachable tracking server is noted (one line per outage) instead of raised.
+        Returns ``fn``'s value (or ``ok`` when given and it succeeded), None when the server is away."""
+        try:
+            value = fn(*args)
+        except Exception as e:  # noqa: BLE001 - only an outage is absorbed; anything else propagates
+            if not is_outage(e):
+                raise
+            self._outage(e)
+            return None
+        self._back()
+        return ok if ok is not None else value
+
+    def _outage(self, e: BaseException) -> None:
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            where = self.tracker.journal.folder if self.tracker.journal is not None else "memory (no journal)"
+            log.warning("MLflow tracking server at %s is unreachable (%s); trials go on, their results are kept "
+                        "in %s and logged when it is back", self.tracker.uri, _last_line(str(e)) or type(e).__name__,
+                        where)
+        self._last_try = time.monotonic()
+
+    def _back(self) -> None:
+        if self._down_since is not None:
+            log.warning("MLflow tracking server at %s is back after %.0fs", self.tracker.uri,
+                        time.monotonic() - self._down_since)
+            self._down_since = None
+
+    def _maybe_flush(self) -> None:
+        if self.tracker.journal is not None and time.monotonic() - self._last_try >= self.RETRY_S and \
+                len(self.tracker.journal):
+            self.flush()
+
+    def flush(self) -> int:
+        """Log every journaled result whose run can be written now; returns how many still wait."""
+        journal = self.tracker.journal
+        if journal is None:
+            return 0
+        self._last_try = time.monotonic()
+        entries = journal.entries()
+        for n, entry in enumerate(entries):
+            if self._guard(self._write_entry, entry, ok=True) is None:
+                return len(entries) - n
+            journal.remove(entry["key"])
+        if entries:
+            log.info("tracking journal: logged %d waiting result(s) to MLflow", len(entries))
+        return 0
+
+    def _journaled(self, trial: Any) -> bool:
+        j = self.tracker.journal
+        key = self._keys.get(trial.trial_id)
+        return j is not None and key is not None and (j.folder / f"{key}.json").exists()
 
     # -- internals -------------------------------------------------------------------------------
+    def _final(self, trial: Any, result: Mapping[str, Any], step: int) -> None:
+        """Journal the final result first (durable), then log it; the journal entry goes once MLflow has it."""
+        entry = {"key": self._keys.get(trial.trial_id) or TrialSpec.from_config(trial.config).key,
+                 "trial": TrialSpec.from_config(trial.config).to_dict(), "record": result[RECORD],
+                 "models": result.get(MODELS), "step": step, "ray_trial_id": trial.trial_id,
+                 "unsent": self._unsent.pop(trial.trial_id, []), "run_id": self._runs.get(trial.trial_id)}
+        journal = self.tracker.journal
+        if journal is not None:
+            journal.put(entry)
+        if self._guard(self._write_entry, entry, ok=True) is not None:
+            if journal is not None:
+                journal.remove(entry["key"])
+            self._open.discard(trial.trial_id)
+        elif journal is None:
+            log.error("trial %s: result not logged and no journal to keep it (%s)", entry["key"], entry["record"])
+        else:
+            self._open.discard(trial.trial_id)  # its result is safe: nothing to mark failed
+
+    def _write_entry(self, entry: Mapping[str, Any]) -> None:
+        """Everything a finished trial's run needs, from a journal entry (idempotent: reruns find the run)."""
+        from mlflow.entities import Metric
+
+        spec = TrialSpec.from_dict(entry["trial"])
+        run_id = entry.get("run_id") or self._open_run(spec, entry["key"], entry.get("ray_trial_id", ""))
+        unsent = [Metric(safe_key(k), float(v), int(time.time() * 1000), int(step)) for k, v, step in entry["unsent"]]
+        for chunk in chunks(unsent, 1000):
+            self.client.log_batch(run_id, metrics=chunk)
+        self._finish(run_id, entry["key"], TrialRecord.from_json(json.loads(entry["record"])), entry.get("models"),
+                     int(entry["step"]))
+
     def _start(self, trial: Any) -> str:
+        spec = TrialSpec.from_config(trial.config)
+        key = self._keys.setdefault(trial.trial_id, spec.key)
+        run_id = self._open_run(spec, key, trial.trial_id, known=self._runs.get(trial.trial_id))
+        self._runs[trial.trial_id] = run_id
+        self._open.add(trial.trial_id)
+        return run_id
+
+    def _open_run(self, spec: TrialSpec, key: str, ray_trial_id: str, known: str | None = None) -> str:
+        """Create the key's run, or reuse the one it has (re-parented to this invocation)."""
         from mlflow.entities import Param, RunTag
 
-        spec = TrialSpec.from_config(trial.config)
-        key = self._keys.get(trial.trial_id) or spec.key
-        self._keys[trial.trial_id] = key
         parent = self.tracker.parent_run_id
-        tags = {**schema.trial_tags(spec, key), TAG_STATUS: "running", "xfer.ray_trial_id": trial.trial_id,
+        tags = {**schema.trial_tags(spec, key), TAG_STATUS: "running", "xfer.ray_trial_id": ray_trial_id,
                 **provenance_tags()}
         if parent:
             tags[TAG_PARENT] = parent
         params = schema.trial_params(spec)
-
-        known = self._runs.get(trial.trial_id)
         found = self.tracker.lookup(key)
         run_id = known or (found[0] if found else None)
         if run_id is None:
@@ -273,13 +408,11 @@ class TrackingCallback(Callback):
                     log.warning("run %s: param %s was %r, now %r (not a key field); keeping the first value",
                                 run_id, k, before, v)
             log.info("reusing run %s for trial %s (attempt %d)", run_id, key, attempt)
+        self.tracker.remember(key, run_id, "running")
         for chunk in chunks([RunTag(k, str(v)[:MAX_TAG_LEN]) for k, v in tags.items()]):
             self.client.log_batch(run_id, tags=chunk)
         for chunk in chunks([Param(k, v) for k, v in new_params.items()]):
             self.client.log_batch(run_id, params=chunk)
-        self._runs[trial.trial_id] = run_id
-        self._open.add(trial.trial_id)
-        self.tracker.remember(key, run_id, "running")
         return run_id
 
     def _log_metrics(self, run_id: str, values: Mapping[str, Any], step: int) -> None:
@@ -291,20 +424,19 @@ class TrackingCallback(Callback):
         for chunk in chunks(metrics, 1000):
             self.client.log_batch(run_id, metrics=chunk)
 
-    def _finish(self, trial: Any, run_id: str, result: Mapping[str, Any], step: int) -> None:
-        record = TrialRecord.from_json(json.loads(result[RECORD]))
+    def _finish(self, run_id: str, key: str, record: TrialRecord, models: str | None, step: int) -> None:
+        from mlflow.entities import RunTag
+
         self._log_metrics(run_id, {**record.metrics, "trial_seconds": record.seconds}, step)
         tags = {TAG_STATUS: record.status, TAG_MESSAGE: record.message[:MAX_TAG_LEN]}
         if record.metric:
             tags[TAG_METRIC] = record.metric
         for name, fp in record.fingerprints.items():
             tags[f"{TAG_FINGERPRINT}{name}"] = str(fp)
-        if result.get(MODELS):
-            tags[TAG_MODELS] = str(result[MODELS])[:MAX_TAG_LEN]
+        if models:
+            tags[TAG_MODELS] = str(models)[:MAX_TAG_LEN]
         for name, path in record.artifacts.items():
             tags[f"xfer.artifact.{name}"] = str(path)[:MAX_TAG_LEN]
-        from mlflow.entities import RunTag
-
         self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         for name, path in record.artifacts.items():
             p = Path(path)
@@ -314,19 +446,22 @@ class TrackingCallback(Callback):
                 self.client.log_artifact(run_id, str(p))
             else:
                 # e.g. a worker-local path on a cluster without shared storage: the tag keeps the path
-                log.warning("trial %s: artifact %s at %s is not visible from the driver; not logged",
-                            self._keys[trial.trial_id], name, path)
-        self._close(trial, run_id, record.status)
+                log.warning("trial %s: artifact %s at %s is not visible from the driver; not logged", key, name, path)
+        self.client.set_terminated(run_id, status=MLFLOW_STATUS[record.status])
+        self.tracker.remember(key, run_id, record.status)
 
-    def _fail(self, trial: Any, run_id: str, message: str) -> None:
+    def _error(self, trial: Any, text: str) -> None:
+        run_id = self._runs.get(trial.trial_id) or self._start(trial)
+        self._log_error_file(run_id, getattr(trial, "error_file", None))
+        self._fail(trial, _last_line(text) or "the trial raised an error (see error.txt)")
+
+    def _fail(self, trial: Any, message: str) -> None:
+        run_id = self._runs.get(trial.trial_id) or self._start(trial)
         self.client.set_tag(run_id, TAG_STATUS, "failed")
         self.client.set_tag(run_id, TAG_MESSAGE, message[:MAX_TAG_LEN])
-        self._close(trial, run_id, "failed")
-
-    def _close(self, trial: Any, run_id: str, status: str) -> None:
-        self.client.set_terminated(run_id, status=MLFLOW_STATUS[status])
+        self.client.set_terminated(run_id, status=MLFLOW_STATUS["failed"])
         self._open.discard(trial.trial_id)
-        self.tracker.remember(self._keys[trial.trial_id], run_id, status)
+        self.tracker.remember(self._keys[trial.trial_id], run_id, "failed")
 
     def _log_error_file(self, run_id: str, error_file: str | None) -> None:
         if error_file and Path(error_file).is_file():
