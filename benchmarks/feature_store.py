@@ -16,14 +16,15 @@ from pathlib import Path
 import torch
 
 from xfer import features
-from xfer.regimes import REGIMES, RunContext, run_trial
-from xfer.spec import DatasetRef, ModelSpec, TrialSpec
+from xfer.contract import RunContext
+from xfer.regimes import REGIMES, run_trial
+from xfer.trial import DatasetRef, ModelSpec, TrialSpec
 
 
 def trial(arch: str, dataset: str, l2: float) -> TrialSpec:
     return TrialSpec(model=ModelSpec(name=arch, arch=arch, weights="random", input_size=32),
                      dataset=DatasetRef(dataset), regime="linear_probe", hparams={"l2": l2},
-                     options=dict(REGIMES.get("linear_probe").options))
+                     options=REGIMES.get("linear_probe").defaults)
 
 
 def main() -> None:
@@ -37,7 +38,7 @@ def main() -> None:
     cold, warm = [], []
     for i in range(args.repeats):
         with tempfile.TemporaryDirectory() as store:
-            ctx = RunContext(storage=Path(store), data_root=Path(store) / "data")
+            ctx = RunContext.local(Path(store), Path(store) / "data")
             features.clear_identity_cache()
             t0 = time.perf_counter()
             r = run_trial(trial(args.arch, args.dataset, 1e-3), ctx)  # computes and stores the features
