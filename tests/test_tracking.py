@@ -155,6 +155,7 @@ def test_hierarchy_tags_params_metrics_and_predictions(uri, tmp_path):
     assert p.data.params["total"] == "2" and p.data.params["by_regime.finetune"] == "2"
     assert p.data.params["by_model_dataset.m1 / Digits _8x8__"] == "2"
     assert "spec.yaml" in [f.path for f in c.list_artifacts(parent)]
+    assert len(p.data.tags["xfer.spec_sha256"]) == 64
 
     kids = children(uri, "hier")
     assert len(kids) == 2

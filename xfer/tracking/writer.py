@@ -10,6 +10,7 @@ the same run), so the experiment never holds two runs for one key.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -109,6 +110,9 @@ class SweepTracker:
         flattened into params, and the spec file as ``spec.yaml`` (``spec_path`` or summary["path"])."""
         name = run_name or f"{self.experiment_name} {time.strftime('%Y-%m-%d %H:%M:%S')}"
         tags = {TAG_SWEEP: self.experiment_name, TAG_KIND: "sweep", **provenance_tags()}
+        path = spec_path or spec_summary.get("path")
+        if path and Path(path).is_file():  # what reproduces the study, beside the file itself (spec.yaml)
+            tags["xfer.spec_sha256"] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         run_id = run.info.run_id
         from mlflow.entities import Param
@@ -117,7 +121,6 @@ class SweepTracker:
         params = list({safe_key(k): Param(safe_key(k), schema._fmt(v)[:MAX_PARAM_LEN]) for k, v in flat.items()}.values())
         for chunk in chunks(params):
             self.client.log_batch(run_id, params=chunk)
-        path = spec_path or spec_summary.get("path")
         if path:
             p = Path(path)
             if not p.is_file():
