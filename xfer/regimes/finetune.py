@@ -92,7 +92,10 @@ class FineTune(Regime):
         engine.clear_checkpoint(ctx)
         log.info("%s %s on %s: %s = %.4f (%d steps)", self.name, trial.model.name, trial.dataset.display, key, value,
                  outcome.steps_done)
-        return TrialRecord(status="finished", metric=info.metric, metrics={key: value, "train_loss": outcome.last_loss},
+        metrics = {key: value, "train_loss": outcome.last_loss}
+        if outcome.resumed_from:  # a restarted trial (dead worker, killed driver) went on from its checkpoint
+            metrics["resumed_from_step"] = float(outcome.resumed_from)
+        return TrialRecord(status="finished", metric=info.metric, metrics=metrics,
                            steps_done=outcome.steps_done, fingerprints=fingerprints, scores=scores, targets=targets)
 
 
