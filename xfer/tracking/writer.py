@@ -189,7 +189,6 @@ class SweepTracker:
             time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
 
 
-
 def _ray_bookkeeping_keys() -> set[str]:
     from ray.tune import result as r
 
