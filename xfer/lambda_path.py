@@ -70,8 +70,13 @@ def check_l2_values(l2_values: Any) -> list[float]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The problem in one flat variable z = [W | b] ([C, D+1]); hand-written gradient (no autograd).
+# The problem in one flat variable z = [W.ravel(), b] (contiguous W: BLAS is ~1.5x faster than on a
+# [C, D+1] slice); hand-written gradient (no autograd).
 # ---------------------------------------------------------------------------------------------
+def _split(z: torch.Tensor, num_classes: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return z[:num_classes * d].view(num_classes, d), z[num_classes * d:]
+
+
 @dataclass
 class _Problem:
     x: torch.Tensor  # [N, D] in the working dtype
@@ -82,8 +87,7 @@ class _Problem:
     def loss_grad(self, z: torch.Tensor, l2: float) -> tuple[float, torch.Tensor]:
         """The summed-over-classes objective of ``logistic_objective`` and its gradient (flat)."""
         n, d = self.x.shape
-        zm = z.view(self.num_classes, d + 1)
-        w, b = zm[:, :d], zm[:, d]
+        w, b = _split(z, self.num_classes, d)
         logits = torch.addmm(b, self.x, w.T)
         if self.multilabel:
             # mean over examples of BCE, summed over classes; softplus(l) - y l, stably
@@ -96,11 +100,12 @@ class _Problem:
             r = logits.sub_(lse).exp_()
             r.scatter_add_(1, self.y[:, None], torch.full_like(picked, -1.0))
         r.div_(n)
-        g = torch.empty_like(zm)
-        torch.addmm(w, r.T, self.x, beta=l2, out=g[:, :d])
-        torch.sum(r, dim=0, out=g[:, d])
+        g = torch.empty_like(z)
+        gw, gb = _split(g, self.num_classes, d)
+        torch.addmm(w, r.T, self.x, beta=l2, out=gw)
+        torch.sum(r, dim=0, out=gb)
         penalty = 0.5 * l2 * float((w.to(torch.float64) ** 2).sum())
-        return float(data) + penalty, g.view(-1)
+        return float(data) + penalty, g
 
 
 class _Preconditioner:
@@ -135,12 +140,12 @@ class _Preconditioner:
         return self
 
     def apply(self, q: torch.Tensor, num_classes: int) -> torch.Tensor:
-        qm = q.view(num_classes, self.d + 1)
-        out = torch.empty_like(qm)
-        qw = qm[:, :self.d]
-        out[:, :self.d] = torch.addmm(qw, (qw @ self.v) * self.scale_w, self.v.T, beta=self.s0)
-        out[:, self.d] = qm[:, self.d] / self.c
-        return out.view(-1)
+        qw, qb = _split(q, num_classes, self.d)
+        out = torch.empty_like(q)
+        ow, ob = _split(out, num_classes, self.d)
+        torch.addmm(qw, (qw @ self.v) * self.scale_w, self.v.T, beta=self.s0, out=ow)
+        torch.div(qb, self.c, out=ob)
+        return out
 
 
 class _Memory:
@@ -165,8 +170,7 @@ class _Memory:
 
     def shift_l2(self, delta: float) -> None:
         for s, y in zip(self.s, self.y):
-            sm, ym = s.view(self.c, self.d + 1), y.view(self.c, self.d + 1)
-            ym[:, :self.d].add_(sm[:, :self.d], alpha=delta)
+            y[:self.c * self.d].add_(s[:self.c * self.d], alpha=delta)
         keep = [i for i, (s, y) in enumerate(zip(self.s, self.y)) if float(y.dot(s)) > 0]
         self.s = [self.s[i] for i in keep]
         self.y = [self.y[i] for i in keep]
@@ -308,10 +312,10 @@ def fit_logistic_path(x: torch.Tensor, y: torch.Tensor, l2_values: Sequence[floa
         if f is None:
             f, g = pw.loss_grad(z, l2)
         else:  # move the point's objective and gradient to the new λ: only the penalty changes
-            wz = z.view(num_classes, d + 1)[:, :d]
+            wz = z[:num_classes * d]
             f = f + 0.5 * (l2 - cur_l2) * float((wz.to(torch.float64) ** 2).sum())
             g = g.clone()
-            g.view(num_classes, d + 1)[:, :d].add_(wz, alpha=l2 - cur_l2)
+            g[:num_classes * d].add_(wz, alpha=l2 - cur_l2)
             if keep_memory:
                 mem.shift_l2(l2 - cur_l2)
             else:
@@ -346,8 +350,8 @@ def fit_logistic_path(x: torch.Tensor, y: torch.Tensor, l2_values: Sequence[floa
         if not converged:
             log.warning("path L-BFGS used its budget (%d iterations) at λ=%g; max |gradient| %.3g > tol %.3g",
                         it, l2, grad_max, tol)
-        zm = z64.view(num_classes, d + 1)
-        fits[i] = LogisticFit(weight=zm[:, :d].clone(), bias=zm[:, d].clone(),
+        w64, b64 = _split(z64, num_classes, d)
+        fits[i] = LogisticFit(weight=w64.clone(), bias=b64.clone(),
                               objective=f64 / num_classes if multilabel else f64, n_iter=it, grad_max=grad_max,
                               converged=converged, multilabel=multilabel)
         log.debug("path λ=%g: %d iterations, %d evaluations, objective %.10g, max|grad| %.2g (%s)",
