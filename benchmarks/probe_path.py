@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from xfer.lambda_path import fit_logistic_path, path_decision_values  # noqa: E402
-from xfer.regimes.linear_probe import Standardizer, fit_logistic, logistic_objective  # noqa: E402
+from xfer.logistic import Standardizer, fit_logistic, logistic_objective  # noqa: E402
 
 
 def make_features(n: int, n_val: int, d: int, classes: int, sep: float, seed: int):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from xfer.lambda_path import fit_logistic_path, path_decision_values
-from xfer.regimes.linear_probe import LinearProbeError, Standardizer, fit_logistic, logistic_objective
+from xfer.logistic import LinearProbeError, Standardizer, fit_logistic, logistic_objective
 
 LAMS = np.logspace(-4, 2, 7).tolist()
 

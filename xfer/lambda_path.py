@@ -39,8 +39,8 @@ import numpy as np
 import torch
 from torch.optim.lbfgs import _strong_wolfe  # torch's line search (private but stable since 1.x)
 
-from xfer.regimes.base import Diverged
-from xfer.regimes.linear_probe import LinearProbeError, LogisticFit, check_l2
+from xfer.contract import Diverged
+from xfer.logistic import LinearProbeError, LogisticFit, check_l2
 
 log = logging.getLogger(__name__)
 
