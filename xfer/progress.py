@@ -5,6 +5,7 @@ and the best-so-far per (model, dataset, regime) at the end of the stage.
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -12,9 +13,18 @@ from typing import IO, Any
 
 from ray.tune import Callback
 
+from xfer.tracking.writer import FINAL, final_entries
+from xfer.trial import TrialSpec
+
 
 def _fmt_hparams(h: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.3g}" for k, v in h.items())
+
+
+def _record(entry: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(status, metrics + message) of a final entry (``xfer.tracking.writer.final_entries``)."""
+    rec = json.loads(entry["record"])
+    return rec.get("status", "failed"), {**rec.get("metrics", {}), "message": rec.get("message", "")}
 
 
 @dataclass
@@ -33,6 +43,7 @@ class StageProgress:
         self.running.add(trial_id)
 
     def finish(self, trial_id: str, cfg: dict[str, Any], status: str, metrics: dict[str, Any]) -> str:
+        """Count one finished trial (a batch's trials one by one) and return its line."""
         self.running.discard(trial_id)
         self.done += 1
         if status == "failed":
@@ -72,8 +83,6 @@ def _headline(metrics: dict[str, Any], stage: str) -> tuple[str, float | None]:
 
 
 def _trial_dict(trial) -> dict[str, Any]:
-    from xfer.spec import TrialSpec
-
     return TrialSpec.from_config(trial.config).to_dict()
 
 
@@ -97,10 +106,11 @@ class ProgressCallback(Callback):
         self.progress.start(trial.trial_id)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if result.get("xfer_final") and trial.trial_id not in self._finished:
+        if result.get(FINAL) and trial.trial_id not in self._finished:
             self._finished.add(trial.trial_id)
-            self._print(self.progress.finish(trial.trial_id, _trial_dict(trial), result.get("status", "failed"),
-                                             result))
+            for entry in final_entries(trial.config, result):
+                status, metrics = _record(entry)
+                self._print(self.progress.finish(trial.trial_id, entry["trial"], status, metrics))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         if trial.trial_id not in self._finished:

@@ -19,7 +19,7 @@ from typing import IO, Any, Sequence
 
 import numpy as np
 
-from xfer.contract import Reporter, RunContext
+from xfer.contract import Reporter, RunContext, TrialRecord
 from xfer.io import save_npz
 from xfer.layout import StorageLayout
 from xfer.plugins import import_plugins
@@ -32,49 +32,81 @@ log = logging.getLogger(__name__)
 SHARED = "shared_models"  # in a Ray config's trial dict: other model entries with the same trial key
 
 
+def _source_top1(model: ModelSpec, ctx: RunContext) -> float | None:
+    from xfer.models import source_top1
+
+    try:
+        return source_top1(model, ctx)
+    except Exception as e:  # noqa: BLE001 - a missing table entry must not fail a finished trial
+        log.warning("no source accuracy for %s: %s", model.name, e)
+        return None
+
+
+def _entry(trial: TrialSpec, record: TrialRecord, ctx: RunContext, shared: Sequence[ModelSpec]) -> dict[str, Any]:
+    """A finished trial's result as the callbacks read it: final-stage predictions saved, the model's
+    source accuracy added, and the source accuracy of every model entry that shares the trial."""
+    layout = ctx.layout
+    if trial.stage == "final" and record.scores is not None and record.targets is not None:
+        pred = layout.predictions(trial.key)
+        save_npz(pred, scores=np.asarray(record.scores), targets=np.asarray(record.targets))
+        record.artifacts["predictions"] = str(pred)
+    if "source_top1" not in record.metrics and record.status == "finished":
+        value = _source_top1(trial.model, ctx)
+        if value is not None:
+            record.metrics["source_top1"] = float(value)
+    models = None
+    if shared:
+        found = {trial.model.name: record.metrics.get("source_top1")}
+        found.update({m.name: _source_top1(m, ctx) for m in shared})
+        models = json.dumps(found)
+    return {"trial": trial.to_dict(), "record": json.dumps(record.to_json()), "models": models,
+            "step": int(record.steps_done)}
+
+
 def execute_trial(trial: TrialSpec, layout: StorageLayout, *, download: bool, report: Reporter,
                   shared: Sequence[ModelSpec] = ()) -> dict[str, Any]:
     """Run one trial and turn its record into the final result the callbacks read. ``shared``: other
     model entries whose trial is this same key (their source accuracies are recorded with it).
     Plain Python (no Ray), so the adapter's behaviour is testable without a cluster."""
-    from xfer.models import source_top1
     from xfer.regimes import run_trial
 
     ctx = RunContext(layout=layout, download=download, work_dir=layout.work_dir(trial.key), report=report)
     record = run_trial(trial, ctx)
-    if trial.stage == "final" and record.scores is not None and record.targets is not None:
-        pred = layout.predictions(trial.key)
-        save_npz(pred, scores=np.asarray(record.scores), targets=np.asarray(record.targets))
-        record.artifacts["predictions"] = str(pred)
-
-    def top1(model: ModelSpec) -> float | None:
-        try:
-            return source_top1(model, ctx)
-        except Exception as e:  # noqa: BLE001 - a missing table entry must not fail a finished trial
-            log.warning("no source accuracy for %s: %s", model.name, e)
-            return None
-
-    if "source_top1" not in record.metrics and record.status == "finished":
-        value = top1(trial.model)
-        if value is not None:
-            record.metrics["source_top1"] = float(value)
-    result: dict[str, Any] = {writer.FINAL: True, writer.STEP: int(record.steps_done),
-                              writer.RECORD: json.dumps(record.to_json()),
+    entry = _entry(trial, record, ctx, shared)
+    result: dict[str, Any] = {writer.FINAL: True, writer.STEP: entry["step"], writer.RECORD: entry["record"],
                               # a diverged or failed trial is a searcher's worst outcome
                               writer.OBJECTIVE: record.objective() or 0.0}
-    if shared:
-        models = {trial.model.name: record.metrics.get("source_top1")}
-        models.update({m.name: top1(m) for m in shared})
-        result[writer.MODELS] = json.dumps(models)
+    if entry["models"]:
+        result[writer.MODELS] = entry["models"]
     return result
+
+
+def execute_batch(jobs: Sequence[tuple[TrialSpec, Sequence[ModelSpec]]], layout: StorageLayout, *,
+                  download: bool) -> dict[str, Any]:
+    """Run one path group (``Regime.path_group``) in one task: the regime solves them together
+    (``run_trials``); each trial keeps its own result entry, key and MLflow run."""
+    from xfer.regimes import run_trials
+
+    trials = [t for t, _ in jobs]
+    ctx = RunContext(layout=layout, download=download, work_dir=layout.work_dir(trials[0].key))
+    records = run_trials(trials, ctx)
+    entries = [_entry(t, r, ctx, shared) for (t, shared), r in zip(jobs, records)]
+    best = max((r.objective() or 0.0 for r in records), default=0.0)
+    return {writer.FINAL: True, writer.STEP: 0, writer.BATCH: json.dumps(entries), writer.OBJECTIVE: best}
 
 
 def _trainable(config: dict[str, Any], *, storage: str, data_root: str, download: bool,
                plugins: Sequence[str] = ()) -> None:
-    """The Ray Tune function trainable (thin: everything happens in execute_trial)."""
+    """The Ray Tune function trainable (thin: everything happens in execute_trial / execute_batch)."""
     from ray import tune
 
     import_plugins(plugins)  # (torch's thread count is pinned per trial by run_trial)
+    layout = StorageLayout(Path(storage), Path(data_root))
+    if writer.is_batch(config):
+        jobs = [(TrialSpec.from_dict(d), [ModelSpec.from_dict(m) for m in d.get(SHARED, [])])
+                for d in config["trial"][writer.BATCH]]
+        tune.report(execute_batch(jobs, layout, download=download))
+        return
     trial = TrialSpec.from_config(config)
     shared = [ModelSpec.from_dict(m) for m in config["trial"].get(SHARED, [])]
     latest = {writer.OBJECTIVE: 0.0}  # searchers read an objective from every report, not just the last
@@ -84,24 +116,28 @@ def _trainable(config: dict[str, Any], *, storage: str, data_root: str, download
         latest.update({writer.OBJECTIVE: v for k, v in values.items() if k.startswith("val_")})
         tune.report({writer.STEP: int(step), **values, **latest})
 
-    tune.report(execute_trial(trial, StorageLayout(Path(storage), Path(data_root)), download=download,
-                              report=report, shared=shared))
+    tune.report(execute_trial(trial, layout, download=download, report=report, shared=shared))
 
 
-def trial_configs(trials: Sequence[TrialSpec]) -> list[dict[str, Any]]:
-    """One Ray config per distinct key, in first-appearance order; model entries whose trial has the
-    same key (a regime whose identity ignores the weights) ride along under ``shared_models``."""
+def trial_configs(trials: Sequence[TrialSpec], batch: bool = True) -> list[dict[str, Any]]:
+    """The Ray configs' trial dicts: one per distinct key, in first-appearance order; model entries whose
+    trial has the same key (a regime whose identity ignores the weights) ride along under
+    ``shared_models``; with ``batch``, the trials of one path group (e.g. a cell's λ grid) become one
+    config that lists them under ``xfer_batch``."""
+    from xfer.regimes import REGIMES
+
     by_key: dict[str, list[TrialSpec]] = {}
     for t in trials:
         by_key.setdefault(t.key, []).append(t)
-    out = []
+    groups: dict[str, list[dict[str, Any]]] = {}
     for ts in by_key.values():
         d = ts[0].to_dict()
         others = [t.model.to_dict() for t in ts[1:] if t.model.name != ts[0].model.name]
         if others:
             d[SHARED] = others
-        out.append(d)
-    return out
+        group = REGIMES.get(ts[0].regime).path_group(ts[0]) if batch else None
+        groups.setdefault(group or ts[0].key, []).append(d)
+    return [ds[0] if len(ds) == 1 else {**ds[0], writer.BATCH: ds} for ds in groups.values()]
 
 
 def _compute_features(trial_dict: dict[str, Any], storage: str, data_root: str, download: bool,
@@ -212,8 +248,10 @@ def _fit(tuner, stage: str, spec: SweepSpec) -> dict[str, int]:
         if not metrics.get(writer.FINAL) and r.error is None:
             unfinished += 1  # stopped before its final report: Tune was interrupted (Ctrl-C / SIGINT)
             continue
-        s = json.loads(metrics[writer.RECORD])["status"] if metrics.get(writer.RECORD) else "failed"
-        statuses[s] = statuses.get(s, 0) + 1
+        found = [json.loads(e["record"])["status"] for e in writer.final_entries(r.config, metrics)] \
+            if metrics.get(writer.FINAL) else ["failed"]
+        for s in found:
+            statuses[s] = statuses.get(s, 0) + 1
     if unfinished:
         raise SweepInterrupted(f"{stage}: interrupted with {unfinished} trial(s) unfinished; "
                                f"continue with `xfer sweep {spec.path or 'SPEC'} --resume`")

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["REGIMES", "Axis", "Option", "Regime", "run_trial"]
+__all__ = ["REGIMES", "Axis", "Option", "Regime", "run_trial", "run_trials"]
 
 
 def run_trial(trial: "TrialSpec", ctx: RunContext) -> TrialRecord:
@@ -47,3 +47,31 @@ def run_trial(trial: "TrialSpec", ctx: RunContext) -> TrialRecord:
         record = TrialRecord(status="failed", message=f"{type(e).__name__}: {e}")
     record.seconds = time.perf_counter() - t0
     return record
+
+
+def run_trials(trials: "list[TrialSpec]", ctx: RunContext) -> list[TrialRecord]:
+    """Several trials of one path group (see ``Regime.path_group``): solved together by the regime's
+    ``run_path`` when there are several, else one by one. One record per trial, in order; never raises
+    for a bad trial (if the path fails, each trial runs on its own so that one bad point costs one run).
+    Each record's ``seconds`` is its share of the batch's wall time."""
+    from xfer.engine import pinned_threads
+
+    regime = REGIMES.get(trials[0].regime)
+    if len(trials) < 2 or regime.path_axis is None:
+        return [run_trial(t, ctx) for t in trials]
+    t0 = time.perf_counter()
+    try:
+        with pinned_threads(ctx):
+            records = regime.run_path(list(trials), ctx)
+    except Diverged as e:
+        records = [TrialRecord(status="diverged", message=str(e)) for _ in trials]
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # noqa: BLE001 - fall back to one trial at a time
+        log.error("path of %d %s trials failed (%s: %s); running them one by one", len(trials), regime.name,
+                  type(e).__name__, e)
+        return [run_trial(t, ctx) for t in trials]
+    share = (time.perf_counter() - t0) / len(trials)
+    for r in records:
+        r.seconds = share
+    return records

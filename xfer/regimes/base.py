@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from xfer.contract import RunContext, TrialRecord
+from xfer.hashing import stable_hash
 from xfer.options import OptionError, check_options, is_number
 from xfer.registry import Registry
 from xfer.trial import DEFAULT_KEY_RULE, KeyRule
@@ -80,6 +81,8 @@ class Regime:
     uses_features: bool = False  # reads the feature store (the sweep fills it before the grid)
     grid: bool = True  # False: not a grid regime (pretrain runs from a model's `pretrain:` block)
     model_identity: tuple[str, ...] = DEFAULT_KEY_RULE.model  # model fields its trial key hashes
+    # an axis whose grid values the regime solves together in one task (``run_path``), e.g. the probe's λ
+    path_axis: str | None = None
 
     # -- declarations, derived --------------------------------------------------------------------
     @property
@@ -125,6 +128,19 @@ class Regime:
     # -- behaviour --------------------------------------------------------------------------------
     def run(self, trial: "TrialSpec", ctx: RunContext) -> TrialRecord:
         raise NotImplementedError
+
+    def run_path(self, trials: "list[TrialSpec]", ctx: RunContext) -> list[TrialRecord]:
+        """Trials that differ only in ``path_axis``, solved together; one record per trial, in order.
+        Only regimes that declare ``path_axis`` implement it."""
+        raise NotImplementedError(f"regime {self.name!r} declares no path axis")
+
+    def path_group(self, trial: "TrialSpec") -> str | None:
+        """Trials with the same group can be solved as one path (None: this regime never batches)."""
+        if self.path_axis is None:
+            return None
+        d = trial.to_dict()
+        d["hparams"] = {k: v for k, v in d["hparams"].items() if k != self.path_axis}
+        return stable_hash(d)
 
 
 # name -> Regime instance; each regime module adds itself

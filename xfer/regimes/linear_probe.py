@@ -35,16 +35,29 @@ class LinearProbe(Regime):
         Option("batch_size", 256, "feature extraction batch", minimum=1),
     )
     uses_features = True
+    path_axis = "l2"  # a sweep solves a cell's λ grid as one warm-started path (xfer.lambda_path)
 
     def run(self, trial: "TrialSpec", ctx: RunContext) -> TrialRecord:
+        return self._fit([trial], ctx, path=False)[0]
+
+    def run_path(self, trials: "list[TrialSpec]", ctx: RunContext) -> list[TrialRecord]:
+        """Every λ of one (model, dataset, split) with one feature load and the warm-started path solver
+        (``xfer.lambda_path``); each λ keeps its own record (and trial key, and MLflow run)."""
+        return self._fit(trials, ctx, path=True)
+
+    def _fit(self, trials: "list[TrialSpec]", ctx: RunContext, path: bool) -> list[TrialRecord]:
         from xfer import features
+        from xfer.lambda_path import fit_logistic_path
         from xfer.logistic import LinearProbeError, Standardizer, fit_logistic
         from xfer.metrics import compute_metric
 
+        trial = trials[0]
         opts = self.check_options(trial.options, f"regime {self.name} option")
         if not opts["tol"] > 0:
             raise LinearProbeError(f"linear_probe option tol: expected a number > 0, got {opts['tol']!r}")
-        l2 = self.check_hparams(trial.hparams, f"regime {self.name}")["l2"]
+        l2s = [self.check_hparams(t.hparams, f"regime {self.name}")["l2"] for t in trials]
+        if any(self.path_group(t) != self.path_group(trial) for t in trials):
+            raise LinearProbeError("a λ path takes trials that differ only in l2")
         splits = splits_for(trial.stage)
         sets = features.get_feature_sets(trial.model, trial.dataset, [splits.train, splits.eval], ctx,
                                          batch_size=opts["batch_size"])  # one backbone build on a miss
@@ -55,24 +68,30 @@ class LinearProbe(Regime):
         if opts["standardize"]:
             st = Standardizer.fit(x_train)
             x_train, x_eval = st(x_train), st(x_eval)
+        kw = dict(num_classes=train.num_classes, multilabel=train.multilabel, max_iter=opts["max_iter"],
+                  tol=float(opts["tol"]), device=ctx.resolved_device())
         try:
-            fit = fit_logistic(x_train, train.targets, l2, num_classes=train.num_classes,
-                               multilabel=train.multilabel, max_iter=opts["max_iter"], tol=float(opts["tol"]),
-                               device=ctx.resolved_device())
+            fits = fit_logistic_path(x_train, train.targets, l2s, **kw) if path else \
+                [fit_logistic(x_train, train.targets, l2s[0], **kw)]
         except Diverged as e:
-            return TrialRecord(status="diverged", message=str(e), metric=train.metric, fingerprints=fingerprints)
-        scores = fit.decision_function(x_eval).cpu().numpy()
+            return [TrialRecord(status="diverged", message=str(e), metric=train.metric, fingerprints=fingerprints)
+                    for _ in trials]
         targets = held.targets.cpu().numpy()
-        value = compute_metric(train.metric, scores, targets)
-        ctx.report(fit.n_iter, {"train_loss": fit.objective})
-        log.info("linear_probe %s/%s λ=%g: %s_%s=%.4f (train loss %.4g, %d L-BFGS iterations%s)",
-                 trial.model.name, trial.dataset.display, l2, splits.prefix, train.metric, value, fit.objective,
-                 fit.n_iter, "" if fit.converged else ", not converged")
-        return TrialRecord(status="finished", metric=train.metric, steps_done=fit.n_iter,
-                           metrics={f"{splits.prefix}_{train.metric}": value, "train_loss": fit.objective},
-                           scores=scores, targets=targets, fingerprints=fingerprints,
-                           message="" if fit.converged else (f"L-BFGS used its budget (max_iter="
-                                                             f"{opts['max_iter']}); max |grad| {fit.grad_max:.2g} > tol"))
+        out = []
+        for l2, fit in zip(l2s, fits):
+            scores = fit.decision_function(x_eval).cpu().numpy()
+            value = compute_metric(train.metric, scores, targets)
+            if not path:
+                ctx.report(fit.n_iter, {"train_loss": fit.objective})
+            log.info("linear_probe %s/%s λ=%g: %s_%s=%.4f (train loss %.4g, %d L-BFGS iterations%s)",
+                     trial.model.name, trial.dataset.display, l2, splits.prefix, train.metric, value, fit.objective,
+                     fit.n_iter, "" if fit.converged else ", not converged")
+            note = "" if fit.converged else (f"L-BFGS used its budget (max_iter={opts['max_iter']}); "
+                                             f"max |grad| {fit.grad_max:.2g} > tol")
+            out.append(TrialRecord(status="finished", metric=train.metric, steps_done=fit.n_iter,
+                                   metrics={f"{splits.prefix}_{train.metric}": value, "train_loss": fit.objective},
+                                   scores=scores, targets=targets, fingerprints=dict(fingerprints), message=note))
+        return out
 
 
 REGIMES.add(LinearProbe.name, LinearProbe())

@@ -38,13 +38,30 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # What the trainable reports (see ``xfer.sweep``): per-step metrics with ``xfer_step``; the final result
-# adds ``xfer_final`` and the TrialRecord as JSON in ``xfer_record`` (and ``xfer_models`` for a shared run)
+# adds ``xfer_final`` and the TrialRecord as JSON in ``xfer_record`` (and ``xfer_models`` for a shared run).
+# A Ray trial that ran a batch of trials (a regime solving several grid points at once, e.g. the probe's
+# λ path) reports them all in ``xfer_batch``: one entry, and one MLflow run, per trial key.
 FINAL = "xfer_final"
 RECORD = "xfer_record"
 STEP = "xfer_step"
 MODELS = "xfer_models"
+BATCH = "xfer_batch"
 OBJECTIVE = "xfer_objective"  # what a searcher (Optuna) maximises
-_OWN_KEYS = {FINAL, RECORD, STEP, MODELS, OBJECTIVE}
+_OWN_KEYS = {FINAL, RECORD, STEP, MODELS, BATCH, OBJECTIVE}
+
+
+def final_entries(config: Mapping[str, Any], result: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The trial results a final report carries: ``{key, trial, record, models, step}`` each (``record``
+    is the TrialRecord's JSON text, ``trial`` the TrialSpec dict)."""
+    if result.get(BATCH):
+        return [dict(e, key=TrialSpec.from_dict(e["trial"]).key) for e in json.loads(result[BATCH])]
+    spec = TrialSpec.from_config(config)
+    return [{"key": spec.key, "trial": spec.to_dict(), "record": result[RECORD], "models": result.get(MODELS),
+             "step": int(result.get(STEP, 0))}]
+
+
+def is_batch(config: Mapping[str, Any]) -> bool:
+    return bool((config.get("trial") or {}).get(BATCH))
 # the driver's MLflow client gives up on an unreachable server in seconds (MLflow's defaults retry for
 # minutes); results are journaled meanwhile, so nothing waits on it. The user's own settings win.
 FAIL_FAST_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -223,6 +240,7 @@ class TrackingCallback(Callback):
         # trial ids started by this process whose run is still open (not persisted: after a restore,
         # trials that finished before must never be touched again)
         self._open: set[str] = set()
+        self._finished: set[str] = set()  # trial ids whose final result came (logged or journaled)
         self._unsent: dict[str, list[tuple[str, float, int]]] = {}  # metrics not logged (server away)
         self._skip = _ray_bookkeeping_keys() | _OWN_KEYS
         self._down_since: float | None = None
@@ -235,11 +253,14 @@ class TrackingCallback(Callback):
 
     # -- Tune state (saved in experiment checkpoints, handed back on Tuner.restore) --------------
     def get_state(self) -> dict[str, Any] | None:
-        return {"runs": dict(self._runs), "keys": dict(self._keys)} if self._runs else None
+        if not (self._runs or self._finished):
+            return None
+        return {"runs": dict(self._runs), "keys": dict(self._keys), "finished": sorted(self._finished)}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._runs.update(state.get("runs", {}))
         self._keys.update(state.get("keys", {}))
+        self._finished.update(state.get("finished", []))
 
     @property
     def client(self) -> "MlflowClient":
@@ -248,7 +269,8 @@ class TrackingCallback(Callback):
     # -- hooks -----------------------------------------------------------------------------------
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._keys.setdefault(trial.trial_id, TrialSpec.from_config(trial.config).key)
-        self._guard(self._start, trial)
+        if not is_batch(trial.config):  # a batch's runs are written per trial when its results come
+            self._guard(self._start, trial)
         self._maybe_flush()
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
@@ -265,12 +287,12 @@ class TrackingCallback(Callback):
         self._maybe_flush()
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        if trial.trial_id in self._open or trial.trial_id not in self._runs and not self._journaled(trial):
+        if trial.trial_id not in self._finished:
             self._guard(self._fail, trial, "the trial ended without a final result (stopped early or killed)")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         text = _read_error(getattr(trial, "error_file", None))
-        if (trial.trial_id in self._runs and trial.trial_id not in self._open) or self._journaled(trial):
+        if trial.trial_id in self._finished:
             # the trial had already reported its result; keep it, but say what went wrong afterwards
             log.warning("trial %s errored after its final result: %s", self._keys.get(trial.trial_id), text)
             if trial.trial_id in self._runs:
@@ -334,29 +356,23 @@ class TrackingCallback(Callback):
             log.info("tracking journal: logged %d waiting result(s) to MLflow", len(entries))
         return 0
 
-    def _journaled(self, trial: Any) -> bool:
-        j = self.tracker.journal
-        key = self._keys.get(trial.trial_id)
-        return j is not None and key is not None and (j.folder / f"{key}.json").exists()
-
     # -- internals -------------------------------------------------------------------------------
     def _final(self, trial: Any, result: Mapping[str, Any], step: int) -> None:
-        """Journal the final result first (durable), then log it; the journal entry goes once MLflow has it."""
-        entry = {"key": self._keys.get(trial.trial_id) or TrialSpec.from_config(trial.config).key,
-                 "trial": TrialSpec.from_config(trial.config).to_dict(), "record": result[RECORD],
-                 "models": result.get(MODELS), "step": step, "ray_trial_id": trial.trial_id,
-                 "unsent": self._unsent.pop(trial.trial_id, []), "run_id": self._runs.get(trial.trial_id)}
+        """Journal each final result first (durable), then log it; an entry goes once MLflow has it."""
         journal = self.tracker.journal
-        if journal is not None:
-            journal.put(entry)
-        if self._guard(self._write_entry, entry, ok=True) is not None:
+        unsent = self._unsent.pop(trial.trial_id, [])
+        for entry in final_entries(trial.config, result):
+            entry.update(ray_trial_id=trial.trial_id, unsent=unsent, run_id=self._runs.get(trial.trial_id)
+                         if not is_batch(trial.config) else None)
             if journal is not None:
-                journal.remove(entry["key"])
-            self._open.discard(trial.trial_id)
-        elif journal is None:
-            log.error("trial %s: result not logged and no journal to keep it (%s)", entry["key"], entry["record"])
-        else:
-            self._open.discard(trial.trial_id)  # its result is safe: nothing to mark failed
+                journal.put(entry)
+            if self._guard(self._write_entry, entry, ok=True) is not None:
+                if journal is not None:
+                    journal.remove(entry["key"])
+            elif journal is None:
+                log.error("trial %s: result not logged and no journal to keep it (%s)", entry["key"], entry["record"])
+        self._open.discard(trial.trial_id)  # its results are logged or safe in the journal
+        self._finished.add(trial.trial_id)
 
     def _write_entry(self, entry: Mapping[str, Any]) -> None:
         """Everything a finished trial's run needs, from a journal entry (idempotent: reruns find the run)."""
