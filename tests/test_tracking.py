@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import math
 import json
-import os
-import signal
 import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -311,25 +307,12 @@ def test_sampled_values_at_the_top_of_the_config(uri):
 
 @pytest.mark.integration
 def test_against_a_real_mlflow_server(tmp_path):
-    port = _free_port()
-    uri = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
-        # no background job runner (7 huey worker processes) for a test server on a 2-core machine
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    from mlflow_server import Server
+
+    server = Server(tmp_path)
+    uri = server.uri
+    server.start()
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
-                time.sleep(0.5)
         tracking.check_reachable(uri, timeout_s=5)
 
         tracker = SweepTracker(uri, "served")
@@ -356,13 +339,7 @@ def test_against_a_real_mlflow_server(tmp_path):
         assert [f.path for f in MlflowClient(uri).list_artifacts(parent, "report")] == ["report/report.md"]
         assert [r.info.run_id for r in parents(uri, "served")] == [parent]
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+        server.stop()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,14 +7,9 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,6 +17,7 @@ import mlflow
 import pytest
 import yaml
 
+from mlflow_server import Server
 from xfer.contract import TrialRecord
 from xfer.tracking import finished_keys, load_runs
 from xfer.tracking.writer import SweepTracker, TrackingCallback, _ACTIVE_PARENTS
@@ -29,40 +25,6 @@ from xfer.trial import DatasetRef, ModelSpec, TrialSpec
 
 pytestmark = pytest.mark.integration
 PLUGINS = Path(__file__).parent / "plugins"
-
-
-class Server:
-    """``mlflow server`` on a fixed loopback port and SQLite file, startable again after a stop."""
-
-    def __init__(self, root: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.root, self.proc = root, None
-        self.uri = f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        log = open(self.root / "server.log", "a")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root}/server.db",
-             "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1", "--port",
-             str(self.port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
-            start_new_session=True, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.uri}/health", timeout=2).read()
-                return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
-                time.sleep(0.3)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=30)
-        self.proc = None
 
 
 @pytest.fixture
