@@ -204,7 +204,7 @@ def write_atomic(path: Path, write: Callable[[Path], None], *, checksum: bool = 
         os.replace(tmp, path)
     except BaseException as e:
         written = _discard(tmp)
-        code = storage_errno(e, path.parent)
+        code = storage_errno(e, path.parent) if isinstance(e, Exception) else None  # not Ctrl-C
         if code is not None and not isinstance(e, StorageError):
             raise storage_error(code, path, written=written) from e
         raise
