@@ -105,7 +105,7 @@ def storage_errno(exc: BaseException, where: Path) -> int | None:
 def storage_error(code: int, path: Path, *, needed: int | None = None, written: int | None = None,
                   doing: str = "writing") -> StorageError:
     """The one message format for a storage fault: reason, path, free space, what was needed."""
-    free = free_bytes(Path(path).parent)
+    free = free_bytes(path if Path(path).is_dir() else Path(path).parent)  # the filesystem of path itself
     parts = [f"{os.strerror(code).lower()} {doing} {path}"]
     detail = [f"free {human_bytes(free)}" if free is not None else "free space unknown"]
     if needed is not None:
