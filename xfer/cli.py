@@ -19,6 +19,7 @@ class UsageError(Exception):
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from xfer.io import StorageError
     from xfer.layout import LayoutError
     from xfer.options import OptionError
     from xfer.registry import UnknownNameError
@@ -28,7 +29,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from xfer.tracking.uri import TrackingError
 
     return (UsageError, SpecError, OptionError, LayoutError, UnknownNameError, FileNotFoundError, TrackingError,
-            ResultsTableError, SelectionError)
+            ResultsTableError, SelectionError, StorageError)
 
 
 def _axis_flags() -> dict[str, str]:
@@ -213,6 +214,16 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------ xfer sweep / report / submit
+def _size_arg(text: str) -> int:
+    """argparse type for sizes (``2GB``, ``500MB``, ``0``): a bad one is a usage error naming the forms."""
+    from xfer.io import parse_size
+
+    try:
+        return parse_size(text, "size")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _add_sweep(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", help="a sweep file (sweeps/*.yaml)")
     p.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI, the spec, sqlite:///mlflow.db)")
@@ -223,6 +234,9 @@ def _add_sweep(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-final", action="store_true", help="stop after the grid (no final stage or report)")
     p.add_argument("--max-concurrent", type=int, help="cap on trials running at once")
     p.add_argument("--report-dir", help="where the report goes (default: <storage>/reports/<sweep>)")
+    p.add_argument("--min-free", metavar="SIZE", type=_size_arg,
+                   help="free space the storage must have before anything starts, e.g. 2GB or 0 (off); "
+                        "default: the spec's min_free_space (256MB)")
     p.add_argument("--quiet", action="store_true", help="only the summary")
 
 

@@ -10,6 +10,11 @@ uses a permutation seeded by ``(seed, e)``, sample ``i`` of step ``t`` is augmen
 same result), and the forward pass of step ``t`` runs under ``torch.manual_seed(mix(seed, t))`` (dropout,
 drop-path). Checkpoints hold model + optimizer + step; nothing else carries state, so a run resumed from
 step ``k`` replays exactly what an uninterrupted run does (bit-identical on CPU).
+
+Checkpoint integrity: each checkpoint records its SHA-256 (``train_state.pt.sha256``) and the one before
+it is kept as ``train_state.prev.pt``. A resume verifies the checksum before loading; a truncated or
+corrupted checkpoint is logged, removed, and the run resumes from the previous one (or from scratch) —
+still exact, because a run's steps depend only on (seed, step).
 """
 from __future__ import annotations
 
@@ -27,12 +32,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from xfer.data.transforms import DataConfig, Transformed, eval_transform, train_transform
-from xfer.io import save_torch
+from xfer.io import (ChecksumError, move_with_checksum, read_checksum, remove_with_checksum, save_torch,
+                     verify_file)
 from xfer.contract import Diverged, RunContext
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "train_state.pt"
+PREVIOUS_NAME = "train_state.prev.pt"  # the checkpoint before the latest, kept in case the latest is corrupt
 
 
 # ------------------------------------------------------------------ recipe pieces (pure)
@@ -190,18 +197,60 @@ def checkpoint_path(ctx: RunContext) -> Path | None:
 
 
 def clear_checkpoint(ctx: RunContext) -> None:
-    """Remove the periodic checkpoint once a trial's result is final (it can be large)."""
+    """Remove the periodic checkpoints once a trial's result is final (they can be large)."""
     path = checkpoint_path(ctx)
-    if path is not None and path.exists():
-        path.unlink()
+    if path is not None:
+        remove_with_checksum(path)
+        remove_with_checksum(path.with_name(PREVIOUS_NAME))
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Write ``state`` with its SHA-256 sidecar; the checkpoint it replaces becomes ``PREVIOUS_NAME``
+    (so there is always one to fall back on if the new one later turns out corrupt)."""
+    if path.is_file():
+        move_with_checksum(path, path.with_name(PREVIOUS_NAME))
+    save_torch(state, path, checksum=True)
+
+
+def _load_verified(path: Path, device: str) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` if its SHA-256 matches its sidecar and it loads; else None (a warning
+    names the file, which is removed so that it can never be resumed or kept as the previous one)."""
+    if not path.is_file():
+        return None
+    expected = read_checksum(path)
+    try:
+        if expected is None:
+            log.warning("checkpoint %s has no SHA-256 sidecar (written before checksums); loading it unverified",
+                        path)
+        else:
+            verify_file(path, expected)
+        state = torch.load(path, map_location=device, weights_only=False)
+        if not isinstance(state, dict) or "step" not in state:
+            raise ChecksumError(f"{path} is not a training checkpoint (no step)")
+        return state
+    except Exception as e:  # noqa: BLE001 - a checksum mismatch or an unreadable (truncated) file alike
+        log.warning("corrupt checkpoint %s, not resuming from it (removed): %s", path, e)
+        remove_with_checksum(path)
+        return None
 
 
 def _try_resume(path: Path | None, run_id: str, model: nn.Module, opt: torch.optim.Optimizer,
                 device: str) -> tuple[int, float, tuple[float, int]]:
+    """Resume from the latest intact checkpoint of ``run_id``: the latest, else the previous one, else
+    nothing (step 0)."""
     fresh = (0, float("nan"), (0.0, 0))
-    if path is None or not path.is_file():
+    if path is None:
         return fresh
-    state = torch.load(path, map_location=device, weights_only=False)
+    state = None
+    for candidate in (path, path.with_name(PREVIOUS_NAME)):
+        state = _load_verified(candidate, device)
+        if state is not None:
+            if candidate != path:
+                log.warning("resuming %s from the previous checkpoint %s (step %d)", run_id, candidate,
+                            state["step"])
+            break
+    if state is None:
+        return fresh
     if state.get("run_id") != run_id:
         log.warning("ignoring checkpoint %s: it belongs to another run (%s, not %s)", path, state.get("run_id"), run_id)
         return fresh
@@ -314,9 +363,9 @@ def train(model: nn.Module, split: Dataset, data_config: DataConfig, cfg: TrainC
                 window_n = 0
             if ckpt is not None and (final or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
                 # the partial loss window travels too, so a resumed run reports the same losses
-                save_torch({"run_id": run_id, "step": done, "model": model.state_dict(),
-                              "optimizer": opt.state_dict(), "last_loss": last_loss,
-                              "window": (float(window_sum), window_n)}, ckpt)
+                save_checkpoint({"run_id": run_id, "step": done, "model": model.state_dict(),
+                                 "optimizer": opt.state_dict(), "last_loss": last_loss,
+                                 "window": (float(window_sum), window_n)}, ckpt)
             if cfg.log_every and (log_now or final):
                 ctx.report(done, {"train_loss": last_loss})
             if periodic_eval is not None and cfg.eval_every and done % cfg.eval_every == 0 and not final:

@@ -10,6 +10,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+# Free space a sweep needs before it starts (spec ``min_free_space``, ``xfer sweep --min-free``): a few
+# periodic checkpoints (model + optimizer, the last two kept), features and predictions of a real study.
+DEFAULT_MIN_FREE = 256 << 20
+
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
@@ -71,3 +75,18 @@ class StorageLayout:
 
     def report_dir(self, sweep: str) -> Path:
         return self.storage / "reports" / safe_name(sweep, "sweep name")
+
+    # -- checks --------------------------------------------------------------------------------
+    def folders(self) -> tuple[Path, ...]:
+        """Every top-level folder a sweep writes under the storage root."""
+        s = self.storage
+        return (s / "checkpoints", s / "trials", s / "predictions", self.features_dir, self.ray, s / "reports",
+                s / "journal")
+
+    def preflight(self, min_free: int = DEFAULT_MIN_FREE) -> int:
+        """Before any trial starts: the storage root and each of its folders take a probe file, and at
+        least ``min_free`` bytes are free — else ``xfer.io.StorageError`` naming the path, the free space
+        and what is needed. Returns the free bytes."""
+        from xfer.io import check_storage
+
+        return check_storage(self.storage, self.folders(), min_free=min_free)

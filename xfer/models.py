@@ -20,7 +20,6 @@ value the pretrain regime measured, or timm's published figure from the shipped 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, replace
@@ -33,6 +32,7 @@ from torch import nn
 
 from xfer.data.transforms import INTERPOLATIONS, DataConfig
 from xfer import timm_names
+from xfer.io import sha256_file
 from xfer.registry import Registry
 
 if TYPE_CHECKING:
@@ -106,11 +106,7 @@ def _is_head_key(key: str, heads: tuple[str, ...]) -> bool:
 
 
 def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    return sha256_file(path)[:16]
 
 
 # ------------------------------------------------------------------ weight sources
@@ -202,6 +198,29 @@ def read_meta(path: Path) -> dict[str, Any] | None:
     return meta if isinstance(meta, dict) and meta.get("complete") else None
 
 
+def _checksum_problem(pth: Path, meta: Mapping[str, Any], digest: str | None = None) -> str | None:
+    """Why ``pth`` does not match the SHA-256 its meta.json recorded, or None (also for checkpoints
+    written before checksums were recorded: nothing to compare)."""
+    expected = meta.get("sha256")
+    if not expected:
+        return None
+    digest = digest or sha256_file(pth)
+    if digest == expected:
+        return None
+    return (f"pretrain checkpoint {pth} ({pth.stat().st_size} bytes) has SHA-256 {digest[:16]}…, not the "
+            f"{str(expected)[:16]}… recorded in {pth.parent / META_FILE}: it is truncated or corrupted")
+
+
+def pretrain_checkpoint_problem(folder: Path) -> str | None:
+    """Why the pretrain checkpoint in ``folder`` cannot be used (absent, incomplete, corrupt), or None
+    when it is complete and intact. The sweep driver retrains the ones that have a problem."""
+    pth, meta_path = Path(folder) / CHECKPOINT_FILE, Path(folder) / META_FILE
+    meta = read_meta(meta_path)
+    if meta is None or not pth.is_file():
+        return f"no complete pretrain checkpoint in {folder}"
+    return _checksum_problem(pth, meta)
+
+
 @WEIGHT_SOURCES.register("pretrain")
 def _from_pretrain(model: "ModelSpec", num_classes: int, ctx: "RunContext | None", kwargs: dict, seed: int) -> _Loaded:
     if ctx is None:
@@ -214,8 +233,13 @@ def _from_pretrain(model: "ModelSpec", num_classes: int, ctx: "RunContext | None
             f"(`xfer sweep` runs it before the grid; storage is {ctx.layout.storage})")
     if meta.get("arch") != model.arch:
         raise ModelLoadError(f"pretrain checkpoint {pth} is for {meta.get('arch')!r}, not {model.arch!r}")
+    digest = sha256_file(pth)  # one read: the integrity check and the fingerprint
+    problem = _checksum_problem(pth, meta, digest)
+    if problem:
+        raise ModelLoadError(f"model {model.name!r}: {problem}. Refusing to load it; rerun `xfer sweep` (its "
+                             f"pretrain stage retrains a corrupt checkpoint) or delete {pth.parent}")
     module, _ = _load_through_timm(model.arch, pth, num_classes, int(meta["num_classes"]), kwargs)
-    return _Loaded(module, f"pretrain:{meta.get('trial_key')}:{_file_digest(pth)}",
+    return _Loaded(module, f"pretrain:{meta.get('trial_key')}:{digest[:16]}",
                    source_classes=int(meta["num_classes"]), data_config=meta.get("data_config"))
 
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from xfer.layout import LayoutError, safe_name
+from xfer.io import parse_size
+from xfer.layout import DEFAULT_MIN_FREE, LayoutError, safe_name
 from xfer.plugins import PluginError, import_plugins
 from xfer.options import OptionError, is_number, unknown_key_message, yaml_number
 from xfer.regimes import REGIMES, Regime
@@ -41,6 +42,7 @@ TOP_KEYS = {
     "search": "{type: grid} (default) or {type: optuna, num_samples, seed}",
     "final": "{enabled: true} — retrain the best config on train+val and test once",
     "max_concurrent": "cap on trials running at once (default: as resources allow)",
+    "min_free_space": "free space the storage must have before the sweep starts, e.g. 2GB (default 256MB; 0: off)",
     "plugins": "modules imported first, in the driver and every trial process (they register regimes, datasets)",
 }
 MODEL_KEYS = ("name", "arch", "weights", "weights_file", "pretrain", "source_top1", "input_size", "paper_name")
@@ -228,6 +230,7 @@ class SweepSpec:
     max_concurrent: int | None = None
     plugins: tuple[str, ...] = ()
     path: str | None = None
+    min_free_space: int = DEFAULT_MIN_FREE  # bytes; checked before a sweep starts (xfer.layout.preflight)
 
     def model(self, name: str) -> ModelSpec:
         return next(m for m in self.models if m.name == name)
@@ -319,6 +322,10 @@ def parse_spec(raw: Any, path: str | None = None) -> SweepSpec:
     _expect(isinstance(raw.get("download", False), bool), "spec.download", "expected true or false")
     mc = raw.get("max_concurrent")
     _expect(mc is None or (isinstance(mc, int) and mc >= 1), "spec.max_concurrent", "an integer >= 1")
+    try:
+        min_free = parse_size(raw.get("min_free_space", DEFAULT_MIN_FREE), "spec.min_free_space")
+    except ValueError as e:
+        raise SpecError(str(e)) from None
 
     datasets = [dataset_ref(d, f"spec.datasets[{i}]") for i, d in enumerate(raw["datasets"])]
     labels = [d.display for d in datasets]
@@ -334,7 +341,8 @@ def parse_spec(raw: Any, path: str | None = None) -> SweepSpec:
         data_root=raw.get("data_root") or "./data", storage=raw.get("storage") or "./xfer-results",
         tracking_uri=raw.get("tracking_uri"), download=bool(raw.get("download", False)),
         resources={k: dict(v) for k, v in resources.items()}, search=search,
-        final=bool(final.get("enabled", True)), max_concurrent=mc, plugins=tuple(plugins), path=path)
+        final=bool(final.get("enabled", True)), max_concurrent=mc, plugins=tuple(plugins), path=path,
+        min_free_space=min_free)
 
 
 def load_spec(path: str | Path) -> SweepSpec:

@@ -391,9 +391,13 @@ class SweepResult:
 def run_sweep(spec: SweepSpec, *, tracking_uri: str | None = None, address: str | None = None,
               storage: str | None = None, data_root: str | None = None, resume: bool = False,
               final: bool | None = None, max_concurrent: int | None = None, report_dir: str | None = None,
-              quiet: bool = False, stream: IO[str] | None = None, final_wait_s: float = 600.0) -> SweepResult:
-    """Run the study's stages (see the module docstring). ``final_wait_s``: how long the final stage
-    waits for a tracking server that went away to take the journaled grid results before it gives up."""
+              quiet: bool = False, stream: IO[str] | None = None, min_free: int | None = None,
+              final_wait_s: float = 600.0) -> SweepResult:
+    """Run the study's stages. Before anything starts (Ray, the MLflow parent run) the tracking server
+    must answer and the storage must take writes and have ``min_free`` bytes free (default: the spec's
+    ``min_free_space``) — a full or read-only storage fails here, as one ``StorageError``, not in every
+    trial. ``final_wait_s``: how long the final stage waits for a tracking server that went away to take
+    the journaled grid results before it gives up."""
     from xfer import tracking
     from xfer.tracking.writer import SweepTracker
 
@@ -401,7 +405,7 @@ def run_sweep(spec: SweepSpec, *, tracking_uri: str | None = None, address: str 
     uri = tracking.absolute_sqlite(tracking.resolve_tracking_uri(tracking_uri, spec.tracking_uri))
     tracking.check_reachable(uri)
     paths = StorageLayout(Path(storage or spec.storage), Path(data_root or spec.data_root))
-    paths.storage.mkdir(parents=True, exist_ok=True)
+    paths.preflight(spec.min_free_space if min_free is None else min_free)
     where = connect_ray(address)
     tracker = SweepTracker(uri, spec.name, journal_dir=paths.journal_dir(spec.name))
     from xfer.spec import plan
@@ -421,11 +425,12 @@ def run_sweep(spec: SweepSpec, *, tracking_uri: str | None = None, address: str 
                   quiet=quiet, stream=out)
         pre = spec.pretrain_trials()
         if pre:
-            # a pretrain trial counts as done only if its checkpoint is on *this* storage too; a new
-            # storage path re-makes checkpoints (into the same MLflow run, found by key)
-            from xfer.models import CHECKPOINT_FILE
+            # a pretrain trial counts as done only if its checkpoint is on *this* storage too, and intact
+            # (its SHA-256 matches meta.json); a new storage path re-makes checkpoints and a corrupt one is
+            # retrained (into the same MLflow run, found by key)
+            from xfer.models import pretrain_checkpoint_problem
 
-            missing = {t.key for t in pre if not (paths.checkpoint_dir(t.key) / CHECKPOINT_FILE).exists()}
+            missing = {t.key for t in pre if pretrain_checkpoint_problem(paths.checkpoint_dir(t.key)) is not None}
             stages.append(run_stage("pretrain", pre, rerun=missing, **kw))
         grid = spec.grid_trials()
         run_features(grid, spec=spec, paths=paths, stream=out)
@@ -482,7 +487,8 @@ def run_sweep_cli(args) -> int:
     try:
         result = run_sweep(spec, tracking_uri=args.tracking_uri, address=args.address, storage=args.storage,
                            data_root=args.data_root, resume=args.resume, final=False if args.no_final else None,
-                           max_concurrent=args.max_concurrent, report_dir=args.report_dir, quiet=args.quiet)
+                           max_concurrent=args.max_concurrent, report_dir=args.report_dir, quiet=args.quiet,
+                           min_free=getattr(args, "min_free", None))
     except SweepInterrupted as e:
         print(str(e), file=sys.stderr)
         return 130

@@ -6,8 +6,10 @@ instead of looked up. The checkpoint lands in ``ctx.layout.checkpoint_dir(trial.
 
 - ``model.pth``: the state dict (timm format, loadable with ``pretrained_cfg_overlay=dict(file=...)``);
 - ``meta.json``: arch, num_classes, the preprocessing (data config) it was trained with, source_top1,
-  steps, trial key, and ``complete: true``. It is written last, so its presence marks a finished
-  checkpoint; a trial whose checkpoint is complete returns the recorded result without training.
+  steps, trial key, the SHA-256 of ``model.pth`` and ``complete: true``. It is written last, so its
+  presence marks a finished checkpoint; a trial whose checkpoint is complete and matches its SHA-256
+  returns the recorded result without training. A truncated or corrupted ``model.pth`` is logged and
+  retrained (the transfer regimes refuse to load one: ``xfer.models``).
 
 Hyper-parameters are options (there is no grid): ``wd`` here is torch's plain weight decay unless
 ``wd_over_lr`` is set (source training is ordinary ImageNet-style training, not the transfer grid).
@@ -59,14 +61,19 @@ class Pretrain(Regime):
     def run(self, trial: "TrialSpec", ctx: RunContext) -> TrialRecord:
         from xfer import engine
         from xfer.data import build_from_ref
-        from xfer.models import CHECKPOINT_FILE, META_FILE, data_config_to_dict, load_backbone, read_meta
+        from xfer.models import (CHECKPOINT_FILE, META_FILE, data_config_to_dict, load_backbone, read_meta,
+                                 pretrain_checkpoint_problem)
 
         folder = ctx.layout.checkpoint_dir(trial.key)
         pth, meta_path = folder / CHECKPOINT_FILE, folder / META_FILE
         meta = read_meta(meta_path)
         if meta is not None and pth.is_file():
-            log.info("pretrain %s: checkpoint %s exists, not retraining", trial.model.name, folder)
-            return self._recorded(meta, pth)
+            problem = pretrain_checkpoint_problem(folder)
+            if problem is None:
+                log.info("pretrain %s: checkpoint %s exists, not retraining", trial.model.name, folder)
+                return self._recorded(meta, pth)
+            log.warning("%s; retraining it", problem)
+            meta_path.unlink(missing_ok=True)  # no longer a complete checkpoint until the retrain ends
 
         opts = self.check_options(trial.options, f"regime {self.name} option")
         self.check_hparams(trial.hparams, f"regime {self.name} (steps/lr/wd/... are options)")
@@ -92,8 +99,8 @@ class Pretrain(Regime):
                                      device=device, batch_size=cfg.batch_size, num_workers=ctx.num_workers)
 
         state = {k: v.detach().cpu() for k, v in backbone.model.state_dict().items()}
-        save_torch(state, pth)
-        meta = {"arch": trial.model.arch, "num_classes": info.num_classes,
+        digest = save_torch(state, pth, checksum=True)
+        meta = {"sha256": digest, "arch": trial.model.arch, "num_classes": info.num_classes,
                 "data_config": data_config_to_dict(backbone.data_config), "source_top1": top1,
                 "source_dataset": trial.dataset.display, "steps": outcome.steps_done,
                 "train_loss": outcome.last_loss, "trial_key": trial.key, "seed": trial.seed,
