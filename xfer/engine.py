@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import pickle
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,7 +179,12 @@ def _try_resume(path: Path | None, run_id: str, model: nn.Module, opt: torch.opt
     fresh = (0, float("nan"), (0.0, 0))
     if path is None or not path.is_file():
         return fresh
-    state = torch.load(path, map_location=device, weights_only=False)
+    try:  # weights_only: a checkpoint on shared storage is data, never code to run
+        state = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        log.warning("ignoring checkpoint %s: not a plain training state (%s); starting from step 0",
+                    path, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return fresh
     if state.get("run_id") != run_id:
         log.warning("ignoring checkpoint %s: it belongs to another run (%s, not %s)", path, state.get("run_id"), run_id)
         return fresh

@@ -38,7 +38,7 @@ def results_from_mlflow(uri: str, experiment: str, grid: list[TrialSpec] | None 
     """The results table of an experiment: selection on grid runs, values from final runs."""
     runs = tracking.load_runs(uri, experiment)
     if runs.empty:
-        raise tracking.TrackingError(f"experiment {experiment!r} at {uri} has no trial runs")
+        raise tracking.TrackingError(f"experiment {experiment!r} at {tracking.redact_uri(uri)} has no trial runs")
     selection = select.select_best(runs, trials=grid)
     return select.results_table(runs[runs["stage"] == "final"], selection)
 

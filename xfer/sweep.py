@@ -369,7 +369,8 @@ def run_sweep(spec: SweepSpec, *, tracking_uri: str | None = None, address: str 
 
     summary = {k: v for k, v in plan(spec).items() if k != "by_model_dataset"}
     parent = tracker.start_parent(summary, spec_path=spec.path)
-    print(f"sweep {spec.name}: {where}; tracking {uri} (parent run {parent})", file=out, flush=True)
+    print(f"sweep {spec.name}: {where}; tracking {tracking.redact_uri(uri)} (parent run {parent})", file=out,
+          flush=True)
     stages: list[StageOutcome] = []
     status = "failed"
     try:
@@ -407,6 +408,9 @@ def run_sweep(spec: SweepSpec, *, tracking_uri: str | None = None, address: str 
 
 
 def _print_summary(spec: SweepSpec, uri: str, stages: list[StageOutcome], out: IO[str]) -> None:
+    from xfer.tracking import redact_uri
+
+    uri = redact_uri(uri)  # shown, never the credentials a URI may carry
     print("", file=out)
     print(f"== sweep {spec.name} summary ==", file=out)
     for s in stages:

@@ -85,7 +85,8 @@ class SweepTracker:
                 exp_id = self.client.create_experiment(
                     self.experiment_name, artifact_location=uri_mod.default_artifact_location(self.uri, self.experiment_name),
                     tags={TAG_SWEEP: self.experiment_name})
-                log.info("created MLflow experiment %r (%s) at %s", self.experiment_name, exp_id, self.uri)
+                log.info("created MLflow experiment %r (%s) at %s", self.experiment_name, exp_id,
+                         uri_mod.redact_uri(self.uri))
             self._experiment_id = exp_id
         return self._experiment_id
 
