@@ -428,6 +428,7 @@ def rayjob_from_args(args: argparse.Namespace) -> dict[str, Any]:
     from xfer.spec import load_spec
 
     spec = load_spec(args.spec)
+    _options(args).check()  # the flags first: their errors matter more than the storage note below
     spec_path = args.spec_path or Path(args.spec).as_posix()
     if not args.spec_path and Path(args.spec).is_absolute():
         raise SubmitError(f"{args.spec} is a path on this machine: pass --spec-path with its path inside the "

@@ -353,6 +353,9 @@ def load_spec(path: str | Path) -> SweepSpec:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise SpecError(f"{p}: not valid YAML: {e}") from None
+    if raw is None:
+        raise SpecError(f"{p}: the file is empty; a sweep file is a mapping with at least name, models, datasets "
+                        "and regimes (see sweeps/quickstart.yaml)")
     try:
         return parse_spec(raw, path=str(p))
     except SpecError as e:

@@ -83,14 +83,15 @@ def has_credentials(uri: str) -> bool:
     return redact_uri(uri) != str(uri)
 
 
-def check_reachable(uri: str, timeout_s: float = 10) -> None:
+def check_reachable(uri: str, timeout_s: float = 10, *, must_exist: bool = False) -> None:
     """Fail fast with a clear message instead of MLflow's retry loop (7 retries with exponential
     backoff and a 120 s request timeout by default, i.e. minutes before the first error).
 
     http(s): GET ``<uri>/health`` (the endpoint ``mlflow server`` provides) with ``timeout_s``; only
     a refused/timed-out connection is an error (any HTTP answer means a server is there — a proxy or
     an auth layer may answer /health with 401/404). sqlite: the database's folder must exist. file
-    store: refused by recent MLflow, so say what to use instead.
+    store: refused by recent MLflow, so say what to use instead. ``must_exist`` (readers): the sqlite
+    file itself must exist, since MLflow would otherwise create an empty database there.
     """
     parsed = urlparse(uri)
     scheme = parsed.scheme.lower()
@@ -114,6 +115,9 @@ def check_reachable(uri: str, timeout_s: float = 10) -> None:
         if db is not None and not db.parent.is_dir():
             raise TrackingError(f"tracking URI {shown}: the folder {db.parent} does not exist; create it or pass "
                                 f"--tracking-uri {DEFAULT_TRACKING_URI}")
+        if must_exist and db is not None and not db.is_file():
+            raise TrackingError(f"tracking URI {shown}: no MLflow database at {db}; pass the --tracking-uri the "
+                                "sweep used (or set $MLFLOW_TRACKING_URI)")
     elif scheme in ("", "file") and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("1", "true"):
         raise TrackingError(f"tracking URI {shown!r} is an MLflow file store, which recent MLflow refuses; use a "
                             f"database such as {DEFAULT_TRACKING_URI} (migrate old runs with `mlflow "
