@@ -126,7 +126,7 @@ def trial_from_args(args: argparse.Namespace):
                              f"(its hyper-parameters: {flags})")
         hparams[axis] = float(given.pop(axis))
     try:
-        hparams = regime.check_hparams(hparams, "--" + args.regime)
+        hparams = {a.name: a.check(hparams[a.name], f"--{a.name.replace('_', '-')}") for a in regime.axes}
         options = regime.check_options({**given, **_parse_kv(args.option, "--option")},
                                        f"regime {args.regime} option")
     except OptionError as e:

@@ -224,7 +224,8 @@ def _load_verified(path: Path, device: str) -> dict[str, Any] | None:
                         path)
         else:
             verify_file(path, expected)
-        state = torch.load(path, map_location=device, weights_only=False)
+        # weights_only: a checkpoint on shared storage is data, never code to run
+        state = torch.load(path, map_location=device, weights_only=True)
         if not isinstance(state, dict) or "step" not in state:
             raise ChecksumError(f"{path} is not a training checkpoint (no step)")
         return state

@@ -38,7 +38,7 @@ def results_from_mlflow(uri: str, experiment: str, grid: list[TrialSpec] | None 
     """The results table of an experiment: selection on grid runs, values from final runs."""
     runs = tracking.load_runs(uri, experiment)
     if runs.empty:
-        raise tracking.TrackingError(f"experiment {experiment!r} at {uri} has no trial runs")
+        raise tracking.TrackingError(f"experiment {experiment!r} at {tracking.redact_uri(uri)} has no trial runs")
     selection = select.select_best(runs, trials=grid)
     return select.results_table(runs[runs["stage"] == "final"], selection)
 
@@ -88,7 +88,7 @@ def report_cli(args) -> int:
         build(results, out_dir, uri=None, title=f"xfer report: {Path(args.from_csv).name}")
         return 0
     uri = tracking.resolve_tracking_uri(args.tracking_uri, None)
-    tracking.check_reachable(uri)
+    tracking.check_reachable(uri, must_exist=True)  # a report only reads: never create a database
     grid = load_spec(args.spec).grid_trials() if getattr(args, "spec", None) else None
     results = results_from_mlflow(uri, args.experiment, grid)
     out_dir = Path(args.out or Path("reports") / args.experiment)

@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping, Sequence
 import yaml
 
 from xfer import __version__
+from xfer.tracking.uri import has_credentials, redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,13 @@ class ClusterOptions:
                               f"got {self.min_workers}")
         if not re.match(r"^(https?|file|sqlite|postgresql(\+\w+)?|databricks)://", self.tracking_uri) \
                 and self.tracking_uri != "databricks":
-            raise SubmitError(f"--tracking-uri {self.tracking_uri!r}: expected an MLflow URI such as "
+            raise SubmitError(f"--tracking-uri {redact_uri(self.tracking_uri)!r}: expected an MLflow URI such as "
                               f"{DEFAULT_TRACKING_URI}")
+        if has_credentials(self.tracking_uri):
+            # the URI is plain text in the RayJob/RayCluster objects and in Ray's logs
+            raise SubmitError(f"--tracking-uri must not carry credentials ({redact_uri(self.tracking_uri)}): it is "
+                              "stored in plain text in the RayJob; the pods get MLFLOW_TRACKING_USERNAME / _PASSWORD "
+                              "from the Secret xfer-mlflow-client")
 
 
 def _containers(cluster_spec: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -422,6 +428,7 @@ def rayjob_from_args(args: argparse.Namespace) -> dict[str, Any]:
     from xfer.spec import load_spec
 
     spec = load_spec(args.spec)
+    _options(args).check()  # the flags first: their errors matter more than the storage note below
     spec_path = args.spec_path or Path(args.spec).as_posix()
     if not args.spec_path and Path(args.spec).is_absolute():
         raise SubmitError(f"{args.spec} is a path on this machine: pass --spec-path with its path inside the "

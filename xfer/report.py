@@ -103,6 +103,12 @@ def validate_results(df: pd.DataFrame, *, source: str = "results table", allow_p
                                     "model, dataset and regime")
         out[c] = out[c].astype(str).str.strip()
     out["metric"] = out["metric"].where(out["metric"].notna(), "").astype(str).str.strip()
+    from xfer.metrics import METRICS
+
+    unknown = sorted(set(out["metric"]) - set(METRICS.names()) - {""})  # blank: a cell without a result
+    if unknown:  # the log-odds analysis and the significance tests depend on what the metric is
+        raise ResultsTableError(f"{source}: column 'metric' has unknown value(s) {', '.join(map(repr, unknown[:5]))}; "
+                                f"valid: {', '.join(METRICS.names())}")
     for c in FRACTION_COLUMNS:
         if c in out.columns:
             out[c] = _fraction_column(out, c, source, allow_percent)

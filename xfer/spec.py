@@ -20,6 +20,7 @@ from xfer.plugins import PluginError, import_plugins
 from xfer.options import OptionError, is_number, unknown_key_message, yaml_number
 from xfer.regimes import REGIMES, Regime
 from xfer.timm_names import UnknownArchitectureError, check_arch
+from xfer.tracking.uri import has_credentials, redact_uri
 from xfer.trial import WEIGHT_SOURCES, DatasetRef, ModelSpec, PretrainSpec, TrialSpec
 
 
@@ -319,6 +320,10 @@ def parse_spec(raw: Any, path: str | None = None) -> SweepSpec:
     for key in ("data_root", "storage", "tracking_uri", "description"):
         v = raw.get(key)
         _expect(v is None or isinstance(v, str), f"spec.{key}", f"expected a string, got {v!r}")
+    # a sweep file is committed, shipped in images and logged as spec.yaml: no credentials in it
+    _expect(not raw.get("tracking_uri") or not has_credentials(raw["tracking_uri"]), "spec.tracking_uri",
+            f"must not carry credentials ({redact_uri(raw.get('tracking_uri') or '')}); set "
+            "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD in the environment instead")
     _expect(isinstance(raw.get("download", False), bool), "spec.download", "expected true or false")
     mc = raw.get("max_concurrent")
     _expect(mc is None or (isinstance(mc, int) and mc >= 1), "spec.max_concurrent", "an integer >= 1")
@@ -356,6 +361,9 @@ def load_spec(path: str | Path) -> SweepSpec:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise SpecError(f"{p}: not valid YAML: {e}") from None
+    if raw is None:
+        raise SpecError(f"{p}: the file is empty; a sweep file is a mapping with at least name, models, datasets "
+                        "and regimes (see sweeps/quickstart.yaml)")
     try:
         return parse_spec(raw, path=str(p))
     except SpecError as e:

@@ -412,7 +412,8 @@ def run_sweep(spec: SweepSpec, *, tracking_uri: str | None = None, address: str 
 
     summary = {k: v for k, v in plan(spec).items() if k != "by_model_dataset"}
     parent = tracker.start_parent(summary, spec_path=spec.path)
-    print(f"sweep {spec.name}: {where}; tracking {uri} (parent run {parent})", file=out, flush=True)
+    print(f"sweep {spec.name}: {where}; tracking {tracking.redact_uri(uri)} (parent run {parent})", file=out,
+          flush=True)
     waiting = len(tracker.journal)
     if waiting:  # results an earlier invocation kept while the server was away
         left = tracker.flush_journal()
@@ -445,7 +446,7 @@ def run_sweep(spec: SweepSpec, *, tracking_uri: str | None = None, address: str 
             left = tracker.flush_journal(wait_s=final_wait_s, stream=out)
             if left:
                 raise tracking.TrackingError(
-                    f"{left} grid result(s) are kept in {tracker.journal.folder} but not yet in MLflow at {uri}, "
+                    f"{left} grid result(s) are kept in {tracker.journal.folder} but not yet in MLflow at {tracking.redact_uri(uri)}, "
                     "and selection reads MLflow: start the tracking server and run the same `xfer sweep` again "
                     "(it logs them first and runs nothing twice)")
             finals = final_stage.final_trials_for(spec, uri, stream=out)
@@ -468,6 +469,9 @@ def run_sweep(spec: SweepSpec, *, tracking_uri: str | None = None, address: str 
 
 
 def _print_summary(spec: SweepSpec, uri: str, stages: list[StageOutcome], out: IO[str]) -> None:
+    from xfer.tracking import redact_uri
+
+    uri = redact_uri(uri)  # shown, never the credentials a URI may carry
     print("", file=out)
     print(f"== sweep {spec.name} summary ==", file=out)
     for s in stages:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from xfer.tracking.readers import finished_keys, load_predictions, load_runs, log_report
 from xfer.tracking.uri import (DEFAULT_TRACKING_URI, TrackingError, absolute_sqlite, check_reachable, is_outage,
-                               resolve_tracking_uri)
+                               redact_uri, resolve_tracking_uri)
 
 __all__ = ["DEFAULT_TRACKING_URI", "TrackingError", "absolute_sqlite", "check_reachable", "finished_keys", "is_outage",
-           "load_predictions", "load_runs", "log_report", "resolve_tracking_uri"]
+           "load_predictions", "load_runs", "log_report", "redact_uri", "resolve_tracking_uri"]

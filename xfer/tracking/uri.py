@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 if TYPE_CHECKING:
     import ssl
@@ -41,47 +41,98 @@ def is_outage(e: BaseException) -> bool:
     return bool(_OUTAGE_TEXT.search(f"{type(e).__name__}: {e}"))
 
 
+ENV_USERNAME, ENV_PASSWORD = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
+
 
 def resolve_tracking_uri(cli_value: str | None, spec_value: str | None) -> str:
     """CLI flag > $MLFLOW_TRACKING_URI > the spec's ``tracking_uri`` > ``sqlite:///mlflow.db`` (in the
-    working directory). The file store (``./mlruns``) is not a default: recent MLflow refuses it."""
+    working directory). The file store (``./mlruns``) is not a default: recent MLflow refuses it.
+    An http(s) URI's credentials are moved out of it (see ``credentials_to_env``)."""
     for value in (cli_value, os.environ.get(ENV_TRACKING_URI), spec_value):
         if value is not None and str(value).strip():
-            return str(value).strip()
+            return credentials_to_env(str(value).strip())
     return DEFAULT_TRACKING_URI
 
 
-def check_reachable(uri: str, timeout_s: float = 10) -> None:
+def credentials_to_env(uri: str) -> str:
+    """``http(s)://user:pw@host…`` → ``http(s)://host…``, with user and password put where MLflow's client
+    reads them ($MLFLOW_TRACKING_USERNAME / _PASSWORD; the URI's replace any there, as they would win
+    on the wire too). MLflow honours credentials in the URI but also prints it ("View run … at:
+    http://user:pw@…"), and Ray Tune pickles it with the tracking callback into shared storage; a URI
+    without them cannot leak them. Other schemes are returned as they are."""
+    parsed = urlparse(uri)
+    if parsed.scheme.lower() not in ("http", "https") or "@" not in parsed.netloc:
+        return uri
+    userinfo, _, host = parsed.netloc.rpartition("@")
+    user, sep, password = userinfo.partition(":")
+    if not sep or not user or not password:
+        raise TrackingError(f"tracking URI {redact_uri(uri)}: credentials in a URI must be user:password; for a "
+                            "token set $MLFLOW_TRACKING_TOKEN, or set $MLFLOW_TRACKING_USERNAME / _PASSWORD")
+    os.environ[ENV_USERNAME], os.environ[ENV_PASSWORD] = unquote(user), unquote(password)
+    log.debug("tracking URI %s: credentials moved to $%s / $%s", redact_uri(uri), ENV_USERNAME, ENV_PASSWORD)
+    return parsed._replace(netloc=host).geturl()
+
+
+_SECRET_QUERY = re.compile(r"(?i)([?&][^=&#]*(?:pass|secret|token|key|credential|auth)[^=&#]*=)[^&#]*")
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` as it may be shown or recorded: the password of its userinfo (``user:***@``; a userinfo
+    without a password may itself be a token: ``***@``) and the values of query parameters named like
+    a credential replaced by ``***``. Every message, log line, tag or param that names a tracking URI
+    goes through this: the URI itself may carry credentials (``http://user:pw@host``), and MLflow
+    honours them."""
+    text = str(uri)
+    m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/?#]*)@", text)
+    if m:
+        user, sep, _ = m.group(2).partition(":")
+        shown = f"{user}:***" if sep else "***"
+        text = f"{m.group(1)}{shown}@{text[m.end():]}"
+    return _SECRET_QUERY.sub(r"\1***", text)
+
+
+def has_credentials(uri: str) -> bool:
+    """Whether ``uri`` carries a credential that ``redact_uri`` would hide."""
+    return redact_uri(uri) != str(uri)
+
+
+def check_reachable(uri: str, timeout_s: float = 10, *, must_exist: bool = False) -> None:
     """Fail fast with a clear message instead of MLflow's retry loop (7 retries with exponential
     backoff and a 120 s request timeout by default, i.e. minutes before the first error).
 
     http(s): GET ``<uri>/health`` (the endpoint ``mlflow server`` provides) with ``timeout_s``; only
     a refused/timed-out connection is an error (any HTTP answer means a server is there — a proxy or
     an auth layer may answer /health with 401/404). sqlite: the database's folder must exist. file
-    store: refused by recent MLflow, so say what to use instead.
+    store: refused by recent MLflow, so say what to use instead. ``must_exist`` (readers): the sqlite
+    file itself must exist, since MLflow would otherwise create an empty database there.
     """
     parsed = urlparse(uri)
     scheme = parsed.scheme.lower()
+    shown = redact_uri(uri)
     if scheme in ("http", "https"):
-        url = uri.rstrip("/") + "/health"
+        # /health needs no credentials, and urllib would read ``user:pw@host`` as the host name
+        url = parsed._replace(netloc=parsed.netloc.rpartition("@")[2]).geturl().rstrip("/") + "/health"
         try:
             with urllib.request.urlopen(url, timeout=timeout_s, context=_tls_context()) as resp:  # noqa: S310
                 resp.read(64)
         except urllib.error.HTTPError as e:
-            log.warning("MLflow tracking server at %s answered /health with HTTP %s; carrying on", uri, e.code)
+            log.warning("MLflow tracking server at %s answered /health with HTTP %s; carrying on", shown, e.code)
         except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise TrackingError(
-                f"cannot reach the MLflow tracking server at {uri}: {reason}; start it (e.g. `mlflow server "
+                f"cannot reach the MLflow tracking server at {shown}: {reason}; start it (e.g. `mlflow server "
                 f"--backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000`) or pass --tracking-uri "
                 f"(e.g. --tracking-uri {DEFAULT_TRACKING_URI} for a local file)") from None
     elif scheme == "sqlite":
         db = sqlite_path(uri)
         if db is not None and not db.parent.is_dir():
-            raise TrackingError(f"tracking URI {uri}: the folder {db.parent} does not exist; create it or pass "
+            raise TrackingError(f"tracking URI {shown}: the folder {db.parent} does not exist; create it or pass "
                                 f"--tracking-uri {DEFAULT_TRACKING_URI}")
+        if must_exist and db is not None and not db.is_file():
+            raise TrackingError(f"tracking URI {shown}: no MLflow database at {db}; pass the --tracking-uri the "
+                                "sweep used (or set $MLFLOW_TRACKING_URI)")
     elif scheme in ("", "file") and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("1", "true"):
-        raise TrackingError(f"tracking URI {uri!r} is an MLflow file store, which recent MLflow refuses; use a "
+        raise TrackingError(f"tracking URI {shown!r} is an MLflow file store, which recent MLflow refuses; use a "
                             f"database such as {DEFAULT_TRACKING_URI} (migrate old runs with `mlflow "
                             "migrate-filestore`) or an http(s):// tracking server")
 
@@ -118,7 +169,7 @@ def require_experiment(client: "MlflowClient", uri: str, name: str) -> str:
     exp_id = experiment_id(client, name)
     if exp_id is None:
         names = sorted(e.name for e in client.search_experiments())
-        raise TrackingError(f"no MLflow experiment named {name!r} at {uri} (one experiment per sweep name); "
+        raise TrackingError(f"no MLflow experiment named {name!r} at {redact_uri(uri)} (one experiment per sweep name); "
                             f"experiments there: {', '.join(names) or '(none)'}")
     return exp_id
 

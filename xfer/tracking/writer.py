@@ -112,7 +112,8 @@ class SweepTracker:
                 exp_id = self.client.create_experiment(
                     self.experiment_name, artifact_location=uri_mod.default_artifact_location(self.uri, self.experiment_name),
                     tags={TAG_SWEEP: self.experiment_name})
-                log.info("created MLflow experiment %r (%s) at %s", self.experiment_name, exp_id, self.uri)
+                log.info("created MLflow experiment %r (%s) at %s", self.experiment_name, exp_id,
+                         uri_mod.redact_uri(self.uri))
             self._experiment_id = exp_id
         return self._experiment_id
 
@@ -200,7 +201,7 @@ class SweepTracker:
             if not left or time.monotonic() >= deadline:
                 return left
             if not said and stream is not None:
-                print(f"tracking: waiting for the MLflow server at {self.uri} to log {left} result(s) kept in "
+                print(f"tracking: waiting for the MLflow server at {uri_mod.redact_uri(self.uri)} to log {left} result(s) kept in "
                       f"{self.journal.folder} (up to {wait_s:.0f}s)", file=stream, flush=True)
                 said = True
             time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
@@ -326,13 +327,13 @@ class TrackingCallback(Callback):
             self._down_since = time.monotonic()
             where = self.tracker.journal.folder if self.tracker.journal is not None else "memory (no journal)"
             log.warning("MLflow tracking server at %s is unreachable (%s); trials go on, their results are kept "
-                        "in %s and logged when it is back", self.tracker.uri, _last_line(str(e)) or type(e).__name__,
+                        "in %s and logged when it is back", uri_mod.redact_uri(self.tracker.uri), _last_line(str(e)) or type(e).__name__,
                         where)
         self._last_try = time.monotonic()
 
     def _back(self) -> None:
         if self._down_since is not None:
-            log.warning("MLflow tracking server at %s is back after %.0fs", self.tracker.uri,
+            log.warning("MLflow tracking server at %s is back after %.0fs", uri_mod.redact_uri(self.tracker.uri),
                         time.monotonic() - self._down_since)
             self._down_since = None
 
