@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import pickle
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,6 +230,11 @@ def _load_verified(path: Path, device: str) -> dict[str, Any] | None:
         if not isinstance(state, dict) or "step" not in state:
             raise ChecksumError(f"{path} is not a training checkpoint (no step)")
         return state
+    except pickle.UnpicklingError as e:  # weights_only refused it: objects that would run code on load
+        log.warning("ignoring checkpoint %s: not a plain training state (%s); it is not loaded",
+                    path, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        remove_with_checksum(path)
+        return None
     except Exception as e:  # noqa: BLE001 - a checksum mismatch or an unreadable (truncated) file alike
         log.warning("corrupt checkpoint %s, not resuming from it (removed): %s", path, e)
         remove_with_checksum(path)
