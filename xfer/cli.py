@@ -18,18 +18,17 @@ class UsageError(Exception):
     """A mistake in what the user asked for; printed without a traceback."""
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from xfer.io import StorageError
-    from xfer.layout import LayoutError
-    from xfer.options import OptionError
-    from xfer.registry import UnknownNameError
-    from xfer.report import ResultsTableError
-    from xfer.select import SelectionError
-    from xfer.spec import SpecError
-    from xfer.tracking.uri import TrackingError
+# the user-facing error types (module, class): printed as one `error: …` line, exit 2
+USER_ERRORS = (("xfer.spec", "SpecError"), ("xfer.options", "OptionError"), ("xfer.layout", "LayoutError"),
+               ("xfer.registry", "UnknownNameError"), ("xfer.tracking.uri", "TrackingError"),
+               ("xfer.report", "ResultsTableError"), ("xfer.select", "SelectionError"), ("xfer.io", "StorageError"))
 
-    return (UsageError, SpecError, OptionError, LayoutError, UnknownNameError, FileNotFoundError, TrackingError,
-            ResultsTableError, SelectionError, StorageError)
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Only modules already imported can have raised their errors: looking them up in ``sys.modules``
+    keeps an error message from importing pandas or matplotlib just to print itself."""
+    found = [getattr(sys.modules[m], name) for m, name in USER_ERRORS if m in sys.modules]
+    return (UsageError, FileNotFoundError, *found)
 
 
 def _axis_flags() -> dict[str, str]:

@@ -10,9 +10,21 @@ Importing this package imports neither Ray nor MLflow; only ``writer`` needs Ray
 """
 from __future__ import annotations
 
-from xfer.tracking.readers import finished_keys, load_predictions, load_runs, log_report
+from typing import Any
+
 from xfer.tracking.uri import (DEFAULT_TRACKING_URI, TrackingError, absolute_sqlite, check_reachable, is_outage,
                                redact_uri, resolve_tracking_uri)
 
-__all__ = ["DEFAULT_TRACKING_URI", "TrackingError", "absolute_sqlite", "check_reachable", "finished_keys", "is_outage",
-           "load_predictions", "load_runs", "log_report", "redact_uri", "resolve_tracking_uri"]
+_READERS = ("finished_keys", "load_predictions", "load_runs", "log_report")
+__all__ = ["DEFAULT_TRACKING_URI", "TrackingError", "absolute_sqlite", "check_reachable", "is_outage",
+           "redact_uri", "resolve_tracking_uri", *_READERS]
+
+
+def __getattr__(name: str) -> Any:
+    """The readers load on first use: importing ``xfer.tracking.uri`` (every CLI error path) must not pay
+    for numpy, pandas or the regime registry."""
+    if name in _READERS:
+        from xfer.tracking import readers
+
+        return getattr(readers, name)
+    raise AttributeError(f"module 'xfer.tracking' has no attribute {name!r}")
