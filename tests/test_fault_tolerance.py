@@ -212,3 +212,56 @@ def test_worker_node_lost_mid_trial_is_retried_from_its_checkpoint(tmp_path, clu
     assert "resumed_from_step" not in other.data.metrics and other.data.tags["xfer.attempt"] == "1"
     steps = [m.step for m in mlflow.MlflowClient(uri).get_metric_history(killed.info.run_id, "train_loss")]
     assert max(steps) == 300, steps  # trained to the end
+
+
+def history(uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(run_id)
+    return {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in run.data.metrics}
+
+
+@pytest.mark.parametrize("again", ["rerun", "resume"])
+def test_driver_killed_mid_sweep_then_the_same_command_finishes_the_rest(tmp_path, cluster, again):
+    spec = write_spec(tmp_path, [0.01, 0.02, 0.03], steps=150)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cmd = sweep_cmd(spec, cluster, uri)
+    log = tmp_path / "sweep.log"
+    t0 = time.monotonic()
+    driver = subprocess.Popen(cmd, env=cluster.env, cwd=tmp_path, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        first = wait_for("a finished trial in MLflow", lambda: [r for r in trial_runs(uri)
+                                                                if r.data.tags.get("xfer.status") == "finished"],
+                         300, every=0.5, proc=driver, log=log)[0]
+        done_key = first.data.tags["xfer.trial_key"]
+        key = wait_for("a second trial's checkpoint", lambda: checkpointed(tmp_path / "store", {done_key}), 120,
+                       proc=driver, log=log)
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and everything in its session, at once
+        driver.wait(30)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    print(f"\n[timing] driver killed {time.monotonic() - t0:.1f}s after start ({done_key} finished, {key} "
+          f"checkpointed)")
+    before = {r.data.tags["xfer.trial_key"]: r for r in trial_runs(uri)}
+    assert before[done_key].data.tags["xfer.attempt"] == "1"
+    done_history = history(uri, first.info.run_id)
+
+    t1 = time.monotonic()
+    extra = ["--resume"] if again == "resume" else []
+    r = subprocess.run(cmd + extra, env=cluster.env, cwd=tmp_path, capture_output=True, text=True, timeout=480)
+    out = r.stdout + r.stderr
+    print(f"[timing] `xfer sweep{' --resume' if extra else ''}` after the kill: {time.monotonic() - t1:.1f}s "
+          f"(rc {r.returncode})\n--- output (tail) ---\n{out[-3000:]}")
+    assert r.returncode == 0, out[-6000:]
+    if again == "rerun":
+        assert "grid: 3 trials — 1 done, 2 to run" in out, out[-4000:]
+    by_key = check_one_finished_run_per_key(uri, 3)
+    # the finished trial was not run again: same run, first attempt, metric history untouched
+    assert by_key[done_key].info.run_id == first.info.run_id
+    assert by_key[done_key].data.tags["xfer.attempt"] == "1", by_key[done_key].data.tags
+    assert history(uri, first.info.run_id) == done_history
+    # the killed trial went on from its checkpoint, in its existing run
+    killed = by_key[key]
+    assert killed.info.run_id == before[key].info.run_id
+    assert killed.data.metrics.get("resumed_from_step", 0) > 0, (killed.data.metrics, out[-4000:])
