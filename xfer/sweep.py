@@ -258,6 +258,34 @@ def _fit(tuner, stage: str, spec: SweepSpec) -> dict[str, int]:
     return statuses
 
 
+def _restore_would_rerun(exp_path: Path, done: set[str]) -> list[str]:
+    """Keys MLflow already holds as finished/diverged that Ray's saved experiment state at ``exp_path``
+    still has as unfinished (pending, running, errored): ``Tuner.restore`` would train them again.
+
+    Tune snapshots its state every ~10 s (``checkpoint_period="auto"``), so a driver killed (SIGKILL, a
+    lost node or pod) soon after a trial finished leaves a snapshot in which that trial is still running."""
+    from ray.tune import ExperimentAnalysis
+
+    quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")  # "no results yet" for unstarted trials
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        trials = ExperimentAnalysis(str(exp_path)).trials
+    except Exception as e:  # noqa: BLE001 - an unreadable state: Tuner.restore decides (as before this check)
+        log.warning("could not read Ray's experiment state at %s: %s", exp_path, e)
+        return []
+    finally:
+        quiet.setLevel(level)
+    found = []
+    for t in trials:
+        if t.status == "TERMINATED":
+            continue
+        batch = (t.config.get("trial") or {}).get(writer.BATCH)
+        keys = [TrialSpec.from_dict(d).key for d in batch] if batch else [TrialSpec.from_config(t.config).key]
+        found += [k for k in keys if k in done]
+    return found
+
+
 def run_stage(stage: str, trials: Sequence[TrialSpec], *, spec: SweepSpec, paths: StorageLayout, tracker,
               resume: bool = False, max_concurrent: int | None = None, quiet: bool = False,
               stream: IO[str] | None = None, rerun: set[str] = frozenset()) -> StageOutcome:
@@ -282,6 +310,13 @@ def run_stage(stage: str, trials: Sequence[TrialSpec], *, spec: SweepSpec, paths
     exp_name = f"{spec.name}-{stage}"
     exp_path = paths.ray / exp_name
     restoring = resume and tune.Tuner.can_restore(str(exp_path))
+    if restoring:
+        again = _restore_would_rerun(exp_path, done - set(rerun))
+        if again:  # restoring would train finished trials again: run the unfinished ones afresh instead
+            print(f"{stage}: not restoring the Tune experiment at {exp_path}: it was saved before {len(again)} of "
+                  f"its trial(s) finished; running the {n_todo} unfinished trial(s) anew (each goes on from its "
+                  f"own checkpoint)", file=out, flush=True)
+            restoring = False
     if not todo and not restoring:
         return StageOutcome(stage, len(keys), len(keys), 0, time.perf_counter() - t0)
 
