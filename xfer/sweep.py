@@ -481,7 +481,8 @@ def run_sweep(spec: SweepSpec, *, tracking_uri: str | None = None, address: str 
             left = tracker.flush_journal(wait_s=final_wait_s, stream=out)
             if left:
                 raise tracking.TrackingError(
-                    f"{left} grid result(s) are kept in {tracker.journal.folder} but not yet in MLflow at {tracking.redact_uri(uri)}, "
+                    f"{left} grid result(s) are kept in {tracker.journal.folder} but not yet in MLflow at "
+                    f"{tracking.redact_uri(uri)}, "
                     "and selection reads MLflow: start the tracking server and run the same `xfer sweep` again "
                     "(it logs them first and runs nothing twice)")
             finals = final_stage.final_trials_for(spec, uri, stream=out)
