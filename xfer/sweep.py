@@ -239,8 +239,10 @@ def _run_config(name: str, paths: StorageLayout, callbacks: list):
                           failure_config=tune.FailureConfig(max_failures=1))  # a dead worker: one retry
 
 
-def _fit(tuner, stage: str, spec: SweepSpec) -> dict[str, int]:
-    """Run a Tuner; count trial statuses; a trial without its final report means Tune was interrupted."""
+def _fit(tuner, stage: str, spec: SweepSpec, count: set[str] | None = None) -> dict[str, int]:
+    """Run a Tuner; count trial statuses (only of the keys in ``count`` when given: a restored experiment
+    also returns the trials an earlier invocation finished); a trial without its final report means Tune
+    was interrupted."""
     statuses: dict[str, int] = {}
     unfinished = 0
     for r in tuner.fit():
@@ -248,8 +250,8 @@ def _fit(tuner, stage: str, spec: SweepSpec) -> dict[str, int]:
         if not metrics.get(writer.FINAL) and r.error is None:
             unfinished += 1  # stopped before its final report: Tune was interrupted (Ctrl-C / SIGINT)
             continue
-        found = [json.loads(e["record"])["status"] for e in writer.final_entries(r.config, metrics)] \
-            if metrics.get(writer.FINAL) else ["failed"]
+        found = [json.loads(e["record"])["status"] for e in writer.final_entries(r.config, metrics)
+                 if count is None or e["key"] in count] if metrics.get(writer.FINAL) else ["failed"]
         for s in found:
             statuses[s] = statuses.get(s, 0) + 1
     if unfinished:
@@ -332,7 +334,7 @@ def run_stage(stage: str, trials: Sequence[TrialSpec], *, spec: SweepSpec, paths
         tuner = tune.Tuner(trainable, param_space={"trial": tune.grid_search(trial_configs(todo))},
                            tune_config=_tune_config(spec, max_concurrent),
                            run_config=_run_config(exp_name, paths, callbacks))
-    statuses = _fit(tuner, stage, spec)
+    statuses = _fit(tuner, stage, spec, count={t.key for t in todo})
     return StageOutcome(stage, len(keys), len(keys) - n_todo, n_todo, time.perf_counter() - t0, statuses)
 
 
