@@ -15,11 +15,12 @@ from pathlib import Path
 class Server:
     """``mlflow server`` on a fixed loopback port and SQLite file, startable again after a stop."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, env: dict[str, str] | None = None) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.root, self.proc = root, None
+        self.env = dict(os.environ if env is None else env)
         self.uri = f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
@@ -28,7 +29,7 @@ class Server:
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root}/server.db",
              "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1", "--port",
              str(self.port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
-            start_new_session=True, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+            start_new_session=True, env={**self.env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
         deadline = time.monotonic() + 90
         while True:
             try:

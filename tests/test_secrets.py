@@ -14,12 +14,6 @@ import logging
 import os
 import re
 import secrets
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -28,12 +22,6 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = secrets.token_hex(16)
 USER = "xfer-user"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def plant_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -169,34 +157,15 @@ def test_rendered_rayjob_holds_no_credentials(monkeypatch, capsys):
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` (no auth: it ignores the credentials, the client still sends them)."""
-    tmp = tmp_path_factory.mktemp("server")
-    port = _free_port()
-    log = open(tmp / "server.log", "w")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp}/server.db",
-         "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, cwd=tmp, start_new_session=True,
-        env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    from mlflow_server import Server
+
+    server = Server(tmp_path_factory.mktemp("server"),
+                    env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")})
+    server.start()
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mlflow server did not start: {(tmp / 'server.log').read_text()[-2000:]}")
-                time.sleep(0.5)
-        yield port
+        yield server.port
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+        server.stop()
 
 
 TINY = {

@@ -32,7 +32,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from xfer.regimes import REGIMES, Axis
+from xfer.regimes import REGIMES, Axis, all_axis_names
 from xfer.trial import TrialSpec
 
 log = logging.getLogger(__name__)
@@ -47,18 +47,13 @@ class SelectionError(ValueError):
     """Runs that selection cannot tell apart or a regime whose axes it does not know."""
 
 
-def axis_columns() -> list[str]:
-    """One column per grid axis of every registered regime (the runs and results tables carry them)."""
-    return sorted({a.name for name in REGIMES.names() for a in REGIMES.get(name).axes})
-
-
 def selection_columns() -> list[str]:
-    return ["model", "dataset", "regime", "status", "run_id", "trial_key", "val", *axis_columns(),
+    return ["model", "dataset", "regime", "status", "run_id", "trial_key", "val", *all_axis_names(),
             "n_trials", "n_finished", "metric", "source_top1"]
 
 
 def results_columns() -> list[str]:
-    return ["model", "dataset", "regime", "source_top1", "metric", "value", *axis_columns(), "run_id", "val",
+    return ["model", "dataset", "regime", "source_top1", "metric", "value", *all_axis_names(), "run_id", "val",
             "status", "n_seeds", "note"]
 
 
@@ -81,7 +76,7 @@ def _check_columns(df: pd.DataFrame, required: Iterable[str], what: str) -> None
 def _with_optional(df: pd.DataFrame) -> pd.DataFrame:
     """Add the optional runs-table columns as NaN so the code below can rely on them."""
     df = df.copy()
-    for c in axis_columns() + ["test", "source_top1", "seed", "start_time"]:
+    for c in all_axis_names() + ["test", "source_top1", "seed", "start_time"]:
         if c not in df.columns:
             df[c] = np.nan
     if "metric" not in df.columns:
@@ -189,7 +184,7 @@ def select_best(runs: pd.DataFrame, stage: str = "grid", *, trials: Sequence[Tri
         _check_distinguishable(cell, g)
         ok = g[(g["status"] == "finished") & np.isfinite(pd.to_numeric(g["val"], errors="coerce"))]
         row: dict[str, Any] = dict(zip(CELL_COLUMNS, cell), status="missing", run_id=None, trial_key=None,
-                                   val=math.nan, **{a: math.nan for a in axis_columns()}, n_trials=len(g),
+                                   val=math.nan, **{a: math.nan for a in all_axis_names()}, n_trials=len(g),
                                    n_finished=int((g["status"] == "finished").sum()),
                                    metric=next((m for m in g["metric"] if isinstance(m, str) and m), None),
                                    source_top1=_first_finite(g["source_top1"]))
@@ -266,7 +261,7 @@ def results_table(final_runs: pd.DataFrame, selection: pd.DataFrame) -> pd.DataF
         cell = (sel["model"], sel["dataset"], sel["regime"])
         row: dict[str, Any] = {**dict(zip(CELL_COLUMNS, cell)), "source_top1": sel.get("source_top1", math.nan),
                                "metric": sel.get("metric"), "value": math.nan,
-                               **{a: sel.get(a, math.nan) for a in axis_columns()},
+                               **{a: sel.get(a, math.nan) for a in all_axis_names()},
                                "run_id": None, "val": sel["val"], "status": "no_selection",
                                "n_seeds": 0, "note": "no finished grid trial"}
         if sel["status"] == "selected":

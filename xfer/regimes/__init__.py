@@ -20,7 +20,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["REGIMES", "Axis", "Option", "Regime", "run_trial", "run_trials"]
+__all__ = ["REGIMES", "Axis", "Option", "Regime", "all_axis_names", "run_trial", "run_trials"]
+
+
+def all_axis_names() -> list[str]:
+    """Every grid axis a registered regime declares, sorted: the runs and results tables' hyper-parameter
+    columns, and the `xfer trial` flags."""
+    return sorted({a.name for name in REGIMES.names() for a in REGIMES.get(name).axes})
 
 
 def run_trial(trial: "TrialSpec", ctx: RunContext) -> TrialRecord:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 import numpy as np
 
 from xfer.contract import RESULT_STATUSES
+from xfer.regimes import all_axis_names
 from xfer.tracking import schema
 from xfer.tracking.schema import TAG_KEY, TAG_STATUS
 from xfer.tracking.uri import TrackingError, client as _client, experiment_id as _experiment_id, require_experiment
@@ -76,7 +77,7 @@ def load_runs(uri: str, experiment: str) -> "pd.DataFrame":
     exp_id = require_experiment(client, uri, experiment)
     rows = [row for r in iter_trial_runs(client, exp_id) for row in schema.rows(r)]
     df = pd.DataFrame(rows, columns=schema.runs_columns())
-    for c in ["val", "test", "source_top1", "seconds", *schema.axis_columns()]:
+    for c in ["val", "test", "source_top1", "seconds", *all_axis_names()]:
         df[c] = df[c].astype(float)
     df["seed"] = df["seed"].astype("Int64")
     df["start_time"] = pd.to_datetime(df["start_time"], utc=True)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import numpy as np
 
-from xfer.regimes import REGIMES
+from xfer.regimes import REGIMES, all_axis_names
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -54,13 +54,8 @@ MAX_TAG_LEN = 8000
 BATCH = 100  # params/tags per log_batch call
 
 
-def axis_columns() -> list[str]:
-    """Every grid axis any registered regime declares, sorted: the runs table's hyper-parameter columns."""
-    return sorted({a.name for name in REGIMES.names() for a in REGIMES.get(name).axes})
-
-
 def runs_columns() -> list[str]:
-    return BASE_COLUMNS[:-1] + axis_columns() + BASE_COLUMNS[-1:]
+    return BASE_COLUMNS[:-1] + all_axis_names() + BASE_COLUMNS[-1:]
 
 
 def _fmt(v: Any) -> str:
@@ -221,7 +216,7 @@ def rows(run: "Run") -> list[dict[str, Any]]:
         "source_top1": _to_float(metrics.get("source_top1", params.get("source_top1"))),
         "seed": None if seed is None else int(float(seed)), "seconds": _to_float(metrics.get("trial_seconds")),
         "start_time": pd.Timestamp(run.info.start_time, unit="ms", tz="UTC") if run.info.start_time else pd.NaT,
-        **{a: _to_float(params.get(a)) for a in axis_columns()},
+        **{a: _to_float(params.get(a)) for a in all_axis_names()},
     }
     shared = tags.get(TAG_MODELS)
     if not shared:
