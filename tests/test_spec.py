@@ -249,3 +249,18 @@ def test_scratch_keys_follow_the_architecture_not_the_weights():
 def test_sweep_names_never_leave_the_storage_root(name):
     with pytest.raises(SpecError, match="spec.name: sweep name .* cannot be used as a folder name"):
         parse_spec(spec_with(name=name))
+
+
+@pytest.mark.parametrize("name", ["quickstart.yaml", "kornblith2019.yaml"])
+def test_plan_counts_equal_the_enumerated_grid(name):
+    """`xfer plan` counts without hashing every key; the counts must be the grid's."""
+    from xfer.spec import load_spec
+
+    spec = load_spec(Path(__file__).parents[1] / "sweeps" / name)
+    trials, p = spec.grid_trials(), plan(load_spec(Path(__file__).parents[1] / "sweeps" / name))
+    keys: dict[str, set[str]] = {}
+    for t in trials:
+        keys.setdefault(t.regime, set()).add(t.key)
+    assert p["total"] == len(trials) and p["distinct"] == len({t.key for t in trials})
+    assert p["distinct_by_regime"] == {r: len(k) for r, k in keys.items()}
+    assert sum(p["by_model_dataset"].values()) == len(trials)
