@@ -10,7 +10,6 @@ the same run), so the experiment never holds two runs for one key.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,6 +22,7 @@ from typing import IO, TYPE_CHECKING, Any, Callable, Iterable, Mapping
 from ray.tune import Callback
 
 from xfer.contract import TrialRecord
+from xfer.io import sha256_file
 from xfer.tracking import readers, schema  # submodules (the package itself re-exports readers)
 from xfer.tracking import uri as uri_mod
 from xfer.tracking.schema import (MAX_PARAM_LEN, MAX_TAG_LEN, MLFLOW_STATUS, TAG_ATTEMPT, TAG_FINGERPRINT, TAG_KIND,
@@ -130,7 +130,7 @@ class SweepTracker:
         tags = {TAG_SWEEP: self.experiment_name, TAG_KIND: "sweep", **provenance_tags()}
         path = spec_path or spec_summary.get("path")
         if path and Path(path).is_file():  # what reproduces the study, beside the file itself (spec.yaml)
-            tags["xfer.spec_sha256"] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+            tags["xfer.spec_sha256"] = sha256_file(Path(path))
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         run_id = run.info.run_id
         from mlflow.entities import Param
