@@ -15,11 +15,11 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("xfer", "xfer.hashing", "xfer.registry", "xfer.io", "xfer.options", "xfer.layout",
                     "xfer.trial", "xfer.contract", "xfer.timm_names", "xfer.plugins")),
     ("components", ("xfer.data", "xfer.metrics", "xfer.models")),
-    ("training", ("xfer.engine", "xfer.logistic", "xfer.lambda_path", "xfer.features")),
+    ("training", ("xfer.engine", "xfer.logistic", "xfer.lambda_path", "xfer.features", "xfer.estimators")),
     ("regimes", ("xfer.regimes",)),
-    ("study", ("xfer.spec", "xfer.select", "xfer.stats", "xfer.report", "xfer.tracking", "xfer.progress",
-               "xfer.k8s")),
-    ("orchestration", ("xfer.sweep", "xfer.final")),
+    ("study", ("xfer.spec", "xfer.select", "xfer.stats", "xfer.report", "xfer.report_estimators", "xfer.tracking",
+               "xfer.progress", "xfer.k8s")),
+    ("orchestration", ("xfer.sweep", "xfer.final", "xfer.estimate")),
     ("interface", ("xfer.cli",)),
 ]
 
