@@ -204,3 +204,142 @@ def test_bad_inputs_say_what_is_expected():
         logme(np.array([[np.nan], [1.0]]), [0, 1])
     with pytest.raises(EstimatorError, match="integer class ids"):
         nce(np.array([0, 1]), [0.5, 1.0])
+
+
+# ------------------------------------------------------------------ the sweep file
+def test_spec_estimators_are_validated_with_the_valid_names():
+    from xfer.spec import SpecError, parse_spec
+
+    base = {"name": "s", "models": [{"name": "m", "arch": "test_resnet", "weights": "random"}],
+            "datasets": ["digits"], "regimes": {"linear_probe": {"grid": {"l2": [0.1]}}}}
+    assert parse_spec(base).estimators == ()
+    assert parse_spec({**base, "estimators": ["logme", "nce"]}).estimators == ("logme", "nce")
+    with pytest.raises(SpecError, match=r"spec.estimators\[1\]: unknown estimator 'leap'.*Did you mean 'leep'.*"
+                                        r"Valid: hscore, leep, logme, nce"):
+        parse_spec({**base, "estimators": ["logme", "leap"]})
+    with pytest.raises(SpecError, match="a list of estimator names"):
+        parse_spec({**base, "estimators": "logme"})
+    with pytest.raises(SpecError, match="repeated: nce"):
+        parse_spec({**base, "estimators": ["nce", "nce"]})
+
+
+# ------------------------------------------------------------------ the source head
+def _state_dict_file(tmp_path, arch: str = "test_resnet", classes: int = 5, seed: int = 0):
+    import timm
+    import torch
+
+    torch.manual_seed(seed)
+    net = timm.create_model(arch, num_classes=classes).eval()
+    path = tmp_path / f"{arch}-{seed}.pth"
+    torch.save(net.state_dict(), path)
+    return net, path
+
+
+@pytest.mark.parametrize("arch", ["test_resnet", "test_byobnet", "test_efficientnet"])
+def test_source_probabilities_equal_the_full_models_softmax(tmp_path, arch):
+    """The source head applied to the pooled features (what the feature store keeps) gives the same
+    predictions as the whole source model on the images."""
+    import torch
+
+    from xfer.contract import RunContext
+    from xfer.estimate import source_probabilities
+    from xfer.models import load_backbone
+    from xfer.trial import ModelSpec
+
+    net, path = _state_dict_file(tmp_path, arch)
+    model = ModelSpec(name="m", arch=arch, weights="file", weights_file=str(path), input_size=32)
+    ctx = RunContext.local(tmp_path / "store", tmp_path / "data")
+    backbone = load_backbone(model, num_classes=0, ctx=ctx)
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        feats = backbone.model.eval()(x)
+        expected = torch.softmax(net(x).double(), dim=1).numpy()
+    probs = source_probabilities(model, feats, ctx, fingerprint=backbone.fingerprint)
+    assert probs.shape == (6, 5)
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="cached features were made from weights"):
+        source_probabilities(model, feats, ctx, fingerprint="file:someone-else")
+
+
+def test_random_weights_have_no_source_head(tmp_path):
+    from xfer.contract import RunContext
+    from xfer.estimate import NoSourceHead, source_head
+    from xfer.trial import ModelSpec
+
+    with pytest.raises(NoSourceHead, match="random weights"):
+        source_head(ModelSpec(name="r", arch="test_resnet", weights="random"), RunContext.local(tmp_path, tmp_path))
+
+
+# ------------------------------------------------------------------ the report section
+def test_agreement_of_a_perfect_a_reversed_and_a_too_short_ranking():
+    from xfer.report_estimators import agreement
+
+    acc = [0.5, 0.6, 0.7, 0.9]
+    assert agreement([1, 2, 3, 4], acc)[:2] == (pytest.approx(0.9827, abs=1e-3), pytest.approx(1.0))
+    assert agreement([4, 3, 2, 1], acc)[1] == pytest.approx(-1.0)
+    r, tau, n = agreement([1, 2, np.nan, 4], acc[:2] + [np.nan, 0.9])
+    assert n == 3 and np.isfinite(tau)
+    assert all(np.isnan(v) for v in agreement([1, 2], [0.1, 0.2])[:2])
+
+
+def _study(tmp_path=None):
+    """Four models on two datasets: 'oracle' scores each model by its fine-tuned accuracy, 'contrary'
+    by its negative; source top-1 agrees with fine-tuning on d1 only."""
+    import pandas as pd
+
+    models = ["a", "b", "c", "d"]
+    src = {"a": 0.5, "b": 0.6, "c": 0.7, "d": 0.8}
+    ft = {"d1": [0.60, 0.70, 0.80, 0.90], "d2": [0.90, 0.85, 0.70, 0.60]}
+    lp = {"d1": [0.50, 0.55, 0.65, 0.70], "d2": [0.70, 0.68, 0.60, 0.50]}
+    rows, est = [], []
+    for d in ("d1", "d2"):
+        for i, m in enumerate(models):
+            rows.append({"model": m, "dataset": d, "regime": "finetune", "source_top1": src[m], "metric": "top1",
+                         "value": ft[d][i]})
+            rows.append({"model": m, "dataset": d, "regime": "linear_probe", "source_top1": src[m], "metric": "top1",
+                         "value": lp[d][i]})
+            for name, score in (("oracle", ft[d][i] * 10), ("contrary", -ft[d][i])):
+                est.append({"model": m, "dataset": d, "estimator": name, "score": score, "seconds": 0.01,
+                            "source_seconds": 0.5, "features_seconds": 2.0,  # per pair
+                            "needs_source": name == "contrary", "n": 100, "run_id": f"r-{m}-{d}"})
+    return pd.DataFrame(rows), pd.DataFrame(est)
+
+
+def test_agreement_table_and_the_closest_estimator():
+    from xfer.report_estimators import MEAN, SOURCE, agreement_table, closest
+
+    results, est = _study()
+    t = agreement_table(est, results)
+    assert set(t["regime"]) == {"finetune", "linear_probe"}
+    one = t.set_index(["regime", "dataset", "predictor"])
+    assert one.loc[("finetune", "d1", "oracle"), "tau_w"] == pytest.approx(1.0)
+    assert one.loc[("finetune", "d2", "contrary"), "tau_w"] == pytest.approx(-1.0)
+    assert one.loc[("finetune", "d1", SOURCE), "tau_w"] == pytest.approx(1.0)
+    assert one.loc[("finetune", "d2", SOURCE), "tau_w"] == pytest.approx(-1.0)
+    assert one.loc[("finetune", MEAN, SOURCE), "tau_w"] == pytest.approx(0.0)
+    assert one.loc[("finetune", MEAN, "oracle"), "n_datasets"] == 2
+    assert closest(t, "finetune") == ("oracle", pytest.approx(1.0))
+
+
+def test_cost_table_adds_the_source_head_to_the_estimators_that_read_it():
+    from xfer.report_estimators import cost_table
+
+    _, est = _study()
+    cost = cost_table(est, {"finetune": 100.0, "linear_probe": 20.0}).set_index("what")
+    assert cost.loc["estimator oracle", "seconds"] == pytest.approx(8 * 0.01)
+    assert cost.loc["estimator contrary", "seconds"] == pytest.approx(8 * 0.01 + 8 * 0.5)
+    assert cost.loc["feature extraction", "seconds"] == pytest.approx(8 * 2.0)
+    assert cost.loc["grid: all regimes", "seconds"] == pytest.approx(120.0)
+
+
+def test_the_report_gains_the_estimator_section_and_figure(tmp_path):
+    from xfer.report import build_report
+
+    results, est = _study()
+    made = build_report(results, tmp_path, estimates=est, grid_seconds={"finetune": 100.0}, n_boot=200)
+    md = made["report_md"].read_text()
+    assert "## Transferability estimators: ranking models without training" in md
+    assert "![Weighted Kendall τ" in md and made["fig_estimators"].is_file()
+    assert "finetune: oracle ranked the models closest (mean τ_w = 1.00; source top-1: 0.00)" in md
+    assert "data:image/png;base64" in made["report_html"].read_text()
+    assert len(__import__("pandas").read_csv(made["estimates_csv"])) == len(est)

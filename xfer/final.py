@@ -54,15 +54,37 @@ def _predictions(uri: str, results: pd.DataFrame) -> dict[tuple[str, str, str], 
     return preds
 
 
+def estimates_from_mlflow(uri: str, experiment: str) -> tuple[pd.DataFrame | None, dict[str, float] | None]:
+    """The estimate stage's table and, to compare its cost with, the grid's seconds per regime (each grid
+    run counted once); (None, None) when the sweep ran no estimators."""
+    from xfer.tracking.estimates import load_estimates
+
+    est = load_estimates(uri, experiment)
+    if est.empty:
+        return None, None
+    runs = tracking.load_runs(uri, experiment)
+    grid = runs[runs["stage"] == "grid"].drop_duplicates("run_id")
+    return est, {str(k): float(v) for k, v in grid.groupby("regime")["seconds"].sum().items()}
+
+
 def build(results: pd.DataFrame, out_dir: Path, *, uri: str | None, title: str,
-          stream: IO[str] | None = None) -> dict[str, Any]:
+          stream: IO[str] | None = None, experiment: str | None = None) -> dict[str, Any]:
     from xfer import report
 
     out = stream or sys.stdout
     preds = _predictions(uri, results) if uri else None
-    made = report.build_report(results, out_dir, predictions=preds, title=title)
+    est, grid_seconds = estimates_from_mlflow(uri, experiment) if uri and experiment else (None, None)
+    made = report.build_report(results, out_dir, predictions=preds, title=title, estimates=est,
+                               grid_seconds=grid_seconds)
     for line in made.summary_lines():
         print(f"headline {line}", file=out)
+    if "estimators_json" in made.files:
+        import json
+
+        for regime, c in json.loads(made.files["estimators_json"].read_text())["closest"].items():
+            src = "n/a" if c["source_top1_tau_w"] is None else f"{c['source_top1_tau_w']:.2f}"
+            print(f"estimators: closest to the {regime} ranking: {c['estimator']} (mean weighted τ {c['tau_w']:.2f}; "
+                  f"source top-1 {src})", file=out)
     print(f"report: {made.files['report_html']}", file=out, flush=True)
     return {"files": {k: str(v) for k, v in made.files.items()}, "headline": made.headline}
 
@@ -71,7 +93,7 @@ def write_report(spec: SweepSpec, uri: str, parent_run_id: str | None, layout: S
                  report_dir: str | None = None, stream: IO[str] | None = None) -> dict[str, Any]:
     out_dir = Path(report_dir) if report_dir else layout.report_dir(spec.name)
     results = results_from_mlflow(uri, spec.name, spec.grid_trials())
-    made = build(results, out_dir, uri=uri, title=f"xfer study: {spec.name}", stream=stream)
+    made = build(results, out_dir, uri=uri, title=f"xfer study: {spec.name}", stream=stream, experiment=spec.name)
     if parent_run_id:
         tracking.log_report(uri, parent_run_id, list(made["files"].values()))
     return made
@@ -92,5 +114,5 @@ def report_cli(args) -> int:
     grid = load_spec(args.spec).grid_trials() if getattr(args, "spec", None) else None
     results = results_from_mlflow(uri, args.experiment, grid)
     out_dir = Path(args.out or Path("reports") / args.experiment)
-    build(results, out_dir, uri=uri, title=f"xfer study: {args.experiment}")
+    build(results, out_dir, uri=uri, title=f"xfer study: {args.experiment}", experiment=args.experiment)
     return 0

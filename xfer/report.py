@@ -515,12 +515,15 @@ def build_report(results: pd.DataFrame, out_dir: str | Path,
                  predictions: Mapping[tuple[str, str, str], "tuple[np.ndarray, np.ndarray] | None"] | None = None,
                  title: str = "Transfer study report", *, n_boot: int = 10_000, seed: int = 0,
                  alpha: float = stats.ALPHA, n_permutations: int = 1_000,
-                 metric_fn: Callable[[str], stats.MetricFn] | None = None) -> Report:
+                 metric_fn: Callable[[str], stats.MetricFn] | None = None, estimates: pd.DataFrame | None = None,
+                 grid_seconds: Mapping[str, float] | None = None) -> Report:
     """Analyse a results table and write the report files into ``out_dir`` (see the module docstring).
 
     ``predictions`` maps (model, dataset, regime) to the final run's per-example test outputs
     ``(scores [N, C], targets [N] or [N, C])`` (or None when absent); without them the heat maps mark
-    only the best model per dataset. Returns a ``Report`` (files + headline per regime).
+    only the best model per dataset. ``estimates`` (``xfer.tracking.estimates.load_estimates``) adds the
+    transferability-estimator section, with ``grid_seconds`` (per regime) as the cost to compare with.
+    Returns a ``Report`` (files + headline per regime).
     """
     results = validate_results(results)
     out = Path(out_dir)
@@ -634,6 +637,13 @@ def build_report(results: pd.DataFrame, out_dir: str | Path,
             doc.table(significance[tested.astype(bool)], pct=("value",))
         else:
             doc.p("No pair could be tested (predictions were missing for the best models).")
+
+    if estimates is not None and len(estimates):
+        from xfer import report_estimators  # the opt-in estimate stage's section
+
+        section = report_estimators.build_section(estimates, results, grid_seconds)
+        files.update(report_estimators.write_files(section, out))
+        section.render(doc, files)
 
     doc.h("Missing results")
     if missing.empty:

@@ -46,6 +46,7 @@ TOP_KEYS = {
     "max_concurrent": "cap on trials running at once (default: as resources allow)",
     "min_free_space": "free space the storage must have before the sweep starts, e.g. 2GB (default 256MB; 0: off)",
     "plugins": "modules imported first, in the driver and every trial process (they register regimes, datasets)",
+    "estimators": "transferability estimators scored per model x dataset before the grid, e.g. [logme, leep, nce, hscore]",
 }
 MODEL_KEYS = ("name", "arch", "weights", "weights_file", "pretrain", "source_top1", "input_size", "paper_name")
 SEARCH_TYPES = ("grid", "optuna")
@@ -231,6 +232,7 @@ class SweepSpec:
     final: bool = True
     max_concurrent: int | None = None
     plugins: tuple[str, ...] = ()
+    estimators: tuple[str, ...] = ()  # the estimate stage's estimators (xfer.estimators.ESTIMATORS); () = off
     path: str | None = None
     min_free_space: int = DEFAULT_MIN_FREE  # bytes; checked before a sweep starts (xfer.layout.preflight)
 
@@ -265,6 +267,23 @@ class SweepSpec:
         res = {"cpu": 1.0, "gpu": 0.0}
         res.update(self.resources.get(regime, {}))
         return res
+
+
+def _estimators(raw: Any) -> tuple[str, ...]:
+    """``estimators: [logme, leep, ...]``: registered names, each once (numpy only: stays cheap)."""
+    from xfer.estimators import ESTIMATORS
+
+    if raw is None:
+        return ()
+    valid = ", ".join(ESTIMATORS.names())
+    _expect(isinstance(raw, list) and all(isinstance(n, str) for n in raw), "spec.estimators",
+            f"a list of estimator names (valid: {valid}), got {raw!r}")
+    for i, name in enumerate(raw):
+        if name not in ESTIMATORS:
+            raise SpecError(f"spec.estimators[{i}]: {ESTIMATORS.unknown_message(name)}")
+    dup = sorted({n for n in raw if raw.count(n) > 1})
+    _expect(not dup, "spec.estimators", f"repeated: {', '.join(dup)}")
+    return tuple(raw)
 
 
 def parse_spec(raw: Any, path: str | None = None) -> SweepSpec:
@@ -328,6 +347,7 @@ def parse_spec(raw: Any, path: str | None = None) -> SweepSpec:
     _expect(isinstance(raw.get("download", False), bool), "spec.download", "expected true or false")
     mc = raw.get("max_concurrent")
     _expect(mc is None or (isinstance(mc, int) and mc >= 1), "spec.max_concurrent", "an integer >= 1")
+    estimators = _estimators(raw.get("estimators"))
     try:
         min_free = parse_size(raw.get("min_free_space", DEFAULT_MIN_FREE), "spec.min_free_space")
     except ValueError as e:
@@ -348,7 +368,7 @@ def parse_spec(raw: Any, path: str | None = None) -> SweepSpec:
         tracking_uri=raw.get("tracking_uri"), download=bool(raw.get("download", False)),
         resources={k: dict(v) for k, v in resources.items()}, search=search,
         final=bool(final.get("enabled", True)), max_concurrent=mc, plugins=tuple(plugins), path=path,
-        min_free_space=min_free)
+        min_free_space=min_free, estimators=estimators)
 
 
 def load_spec(path: str | Path) -> SweepSpec:

@@ -472,6 +472,13 @@ def run_sweep(spec: SweepSpec, *, tracking_uri: str | None = None, address: str 
             stages.append(run_stage("pretrain", pre, rerun=missing, **kw))
         grid = spec.grid_trials()
         run_features(grid, spec=spec, paths=paths, stream=out)
+        if spec.estimators:  # opt-in: transferability estimators on the cached features, no training
+            from xfer.estimate import run_estimates
+
+            t0 = time.perf_counter()
+            total, ran = run_estimates(spec, paths, tracker, stream=out)
+            stages.append(StageOutcome("estimate", total, total - ran, ran, time.perf_counter() - t0,
+                                       {"finished": ran} if ran else {}))
         if spec.search["type"] == "optuna":
             stages.append(run_search(grid, **kw))
         else:
@@ -514,7 +521,8 @@ def _print_summary(spec: SweepSpec, uri: str, stages: list[StageOutcome], out: I
     print(f"== sweep {spec.name} summary ==", file=out)
     for s in stages:
         st = ", ".join(f"{k} {v}" for k, v in sorted(s.statuses.items())) or "nothing run"
-        print(f"  {s.stage:<9} {s.total:>5} trials: {s.skipped} already done, {s.ran} run ({st}) in {s.seconds:.0f}s",
+        unit = "pairs" if s.stage == "estimate" else "trials"  # (model, dataset) pairs, not trials
+        print(f"  {s.stage:<9} {s.total:>5} {unit}: {s.skipped} already done, {s.ran} run ({st}) in {s.seconds:.0f}s",
               file=out)
     print(f"  MLflow experiment: {spec.name!r} at {uri}", file=out)
     if uri.startswith("sqlite:"):
