@@ -343,3 +343,74 @@ def test_the_report_gains_the_estimator_section_and_figure(tmp_path):
     assert "finetune: oracle ranked the models closest (mean τ_w = 1.00; source top-1: 0.00)" in md
     assert "data:image/png;base64" in made["report_html"].read_text()
     assert len(__import__("pandas").read_csv(made["estimates_csv"])) == len(est)
+
+
+# ------------------------------------------------------------------ the stage, on real MLflow and a real feature store
+@pytest.mark.integration
+def test_estimate_stage_logs_one_run_per_pair_and_reruns_reuse_it(tmp_path):
+    import io
+
+    import mlflow
+    import yaml
+
+    from xfer.estimate import estimate_key, run_estimates
+    from xfer.layout import StorageLayout
+    from xfer.spec import load_spec
+    from xfer.tracking.estimates import load_estimates
+    from xfer.tracking.writer import SweepTracker
+
+    _, w1 = _state_dict_file(tmp_path, seed=1)
+    _, w2 = _state_dict_file(tmp_path, seed=2)
+    raw = {"name": "est", "storage": str(tmp_path / "store"), "data_root": str(tmp_path / "data"),
+           "models": [{"name": "src1", "arch": "test_resnet", "weights": "file", "weights_file": str(w1), "input_size": 16},
+                      {"name": "src2", "arch": "test_resnet", "weights": "file", "weights_file": str(w2), "input_size": 16},
+                      {"name": "rand", "arch": "test_resnet", "weights": "random", "input_size": 16}],
+           "datasets": [{"name": "digits", "image_size": 16, "test_fraction": 0.75}],  # ~450 trainval images
+           "regimes": {"linear_probe": {"grid": {"l2": [0.1]}}},
+           "estimators": ["logme", "leep"]}
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(raw))
+    spec = load_spec(spec_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    paths = StorageLayout(tmp_path / "store", tmp_path / "data")
+    tracker = SweepTracker(uri, "est")
+    tracker.start_parent({"sweep": "est"})
+    out = io.StringIO()
+    assert run_estimates(spec, paths, tracker, stream=out) == (3, 3)
+    assert "3 to run" in out.getvalue()
+
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("est").experiment_id
+
+    def estimate_runs():
+        return [r for r in client.search_runs([exp]) if r.data.tags.get("xfer.kind") == "estimate"]
+
+    runs = {r.data.tags["xfer.model"]: r for r in estimate_runs()}
+    assert set(runs) == {"src1", "src2", "rand"}
+    for name, r in runs.items():
+        assert "xfer.trial_key" not in r.data.tags  # not a trial: the runs table never sees it
+        assert r.data.tags["xfer.estimate_key"] == estimate_key(spec.model(name), spec.datasets[0])
+        assert r.data.tags["mlflow.parentRunId"] == tracker.parent_run_id
+        assert math.isfinite(r.data.metrics["estimate.logme"]) and r.data.metrics["estimate.logme.seconds"] > 0
+        assert r.data.params["split"] == "trainval" and 400 < int(r.data.params["n"]) < 500
+    assert -math.log(10) < runs["src1"].data.metrics["estimate.leep"] < 0  # digits: 10 balanced classes
+    assert runs["src1"].data.metrics["estimate.source_seconds"] > 0
+    assert "estimate.leep" not in runs["rand"].data.metrics
+    assert "random weights" in runs["rand"].data.tags["xfer.estimate.leep"]
+
+    # the same sweep again: nothing computed, no new run
+    out = io.StringIO()
+    assert run_estimates(spec, paths, tracker, stream=out) == (3, 0)
+    assert "3 done, 0 to run" in out.getvalue() and len(estimate_runs()) == 3
+    # one more estimator: computed into the same runs, the old scores kept
+    spec2 = load_spec(spec_path.write_text(yaml.safe_dump({**raw, "estimators": ["logme", "leep", "nce"]})) and spec_path)
+    assert run_estimates(spec2, paths, tracker, stream=io.StringIO()) == (3, 3)
+    again = {r.data.tags["xfer.model"]: r for r in estimate_runs()}
+    assert {r.info.run_id for r in again.values()} == {r.info.run_id for r in runs.values()}
+    assert again["src1"].data.metrics["estimate.logme"] == runs["src1"].data.metrics["estimate.logme"]
+    assert "estimate.nce" in again["src2"].data.metrics and "xfer.estimate.nce" in again["rand"].data.tags
+
+    table = load_estimates(uri, "est")
+    assert sorted(table["estimator"].unique()) == ["leep", "logme", "nce"]
+    assert len(table) == 3 + 2 + 2  # logme for all three; leep and nce only with a source head
+    assert set(table[table["estimator"] == "leep"]["needs_source"]) == {True}
