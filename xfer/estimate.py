@@ -89,8 +89,14 @@ def source_head(model: "ModelSpec", ctx: RunContext) -> tuple["torch.nn.Module",
 
     from xfer import models
 
-    n_src = _source_classes(model, ctx)
-    loaded = models.WEIGHT_SOURCES.get(model.weights)(model, n_src, ctx, models._create_kwargs(model), 0)
+    timm_log = logging.getLogger("timm")  # its per-load INFO lines would fill the sweep's output
+    level = timm_log.level
+    timm_log.setLevel(logging.WARNING)
+    try:
+        n_src = _source_classes(model, ctx)
+        loaded = models.WEIGHT_SOURCES.get(model.weights)(model, n_src, ctx, models._create_kwargs(model), 0)
+    finally:
+        timm_log.setLevel(level)
     net = loaded.module.eval()
     head = net.get_classifier()
     if not isinstance(head, torch.nn.Module) or getattr(net, "num_classes", n_src) != n_src:
