@@ -130,7 +130,9 @@ def cost_table(estimates: pd.DataFrame, grid_seconds: Mapping[str, float] | None
     if grid_seconds:
         rows.append({"what": "grid: all regimes", "seconds": float(sum(grid_seconds.values())),
                      "note": "sum of trial_seconds", "pairs": None})
-    return pd.DataFrame(rows, columns=["what", "seconds", "pairs", "note"])
+    out = pd.DataFrame(rows, columns=["what", "seconds", "pairs", "note"])
+    out["pairs"] = out["pairs"].astype("Int64")  # a count; blank for the grid rows
+    return out
 
 
 # ------------------------------------------------------------------ figure + blocks
