@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 
 HISTORY_SIZE = 20  # as fit_logistic
 TOLERANCE_CHANGE = 64 * float(np.finfo(np.float64).eps)  # as fit_logistic: "no progress left" in float64
-F32_RELATIVE_STALL = 1e-6  # float32 phase: objective change below this (relative) = float32 is used up
+F32_RELATIVE_STALL = 1e-9  # float32 phase: objective change below this (relative) = float32 is used up
+PRECONDITIONER_RANK = 256  # eigen-directions the preconditioner keeps; the rest share their mean eigenvalue
 
 __all__ = ["fit_logistic_path", "path_decision_values", "check_l2_values"]
 
@@ -111,7 +112,7 @@ class _Problem:
 class _Preconditioner:
     """H0 = V diag(1/(c e + λ)) Vᵀ on W's rows (+ 1/(c e0 + λ) off span V), 1/c on the bias."""
 
-    def __init__(self, x: torch.Tensor, curvature: float) -> None:
+    def __init__(self, x: torch.Tensor, curvature: float, rank: int | None = PRECONDITIONER_RANK) -> None:
         n, d = x.shape
         if d <= n:
             gram = (x.T @ x).div_(n)
@@ -121,22 +122,31 @@ class _Preconditioner:
             keep = e > 1e-6 * e.max().clamp_min(1e-30)
             e, u = e[keep], u[:, keep]
             v = (x.T @ u) / torch.sqrt(n * e)
-        self.e = e.clamp_min(0.0)
-        self.v = v
-        self.e0 = 0.0 if d > n else float(self.e.min())  # directions off span V carry no data curvature
+        e = e.clamp_min(0.0)
+        tail = 0.0 if d > n else float(e.min())  # directions off span V carry no data curvature
+        if rank is not None and rank < e.numel():
+            # keep the top eigen-directions (they carry the ill-conditioning of power-law spectra); the
+            # others share their mean eigenvalue: one [C, D]·[D, rank] product per apply instead of [D, D]
+            dropped = e[:-rank]
+            tail = float(dropped.sum()) / (d - rank) if d > n else float(dropped.mean())
+            e, v = e[-rank:], v[:, -rank:].contiguous()
+        self.e, self.v, self.e0 = e, v, tail
         self.c = curvature
         self.d = d
         self.scale_w: torch.Tensor | None = None
+        self.version = 0  # bumped on every change, so cached products H0·y are recomputed
 
     def set_l2(self, l2: float) -> None:
         s = 1.0 / (self.c * self.e + l2)
         self.s0 = 1.0 / (self.c * self.e0 + l2)
         self.scale_w = s - self.s0
+        self.version += 1
 
     def to(self, dtype: torch.dtype) -> "_Preconditioner":
         self.v, self.e = self.v.to(dtype), self.e.to(dtype)
         if self.scale_w is not None:
             self.scale_w = self.scale_w.to(dtype)
+        self.version += 1
         return self
 
     def apply(self, q: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -156,9 +166,12 @@ class _Memory:
         self.s: list[torch.Tensor] = []
         self.y: list[torch.Tensor] = []
         self.rho: list[float] = []
+        self._gamma: tuple[int, int, float] | None = None  # (pairs pushed, preconditioner version, γ)
+        self._pushed = 0
 
     def clear(self) -> None:
         self.s, self.y, self.rho = [], [], []
+        self._pushed += 1
 
     def push(self, s: torch.Tensor, y: torch.Tensor) -> None:
         ys = float(y.dot(s))
@@ -167,6 +180,7 @@ class _Memory:
         if len(self.s) == self.size:
             self.s.pop(0), self.y.pop(0), self.rho.pop(0)
         self.s.append(s), self.y.append(y), self.rho.append(1.0 / ys)
+        self._pushed += 1
 
     def shift_l2(self, delta: float) -> None:
         for s, y in zip(self.s, self.y):
@@ -175,10 +189,19 @@ class _Memory:
         self.s = [self.s[i] for i in keep]
         self.y = [self.y[i] for i in keep]
         self.rho = [1.0 / float(self.y[i].dot(self.s[i])) for i in range(len(self.s))]
+        self._pushed += 1
 
     def to(self, dtype: torch.dtype) -> None:
         self.s = [s.to(dtype) for s in self.s]
         self.y = [y.to(dtype) for y in self.y]
+        self._pushed += 1
+
+    def _scale(self, pre: _Preconditioner) -> float:
+        """γ = sᵀy / yᵀ H0 y of the newest pair, computed once per pair and preconditioner (one apply)."""
+        if self._gamma is None or self._gamma[:2] != (self._pushed, pre.version):
+            y = self.y[-1]
+            self._gamma = (self._pushed, pre.version, 1.0 / (self.rho[-1] * float(y.dot(pre.apply(y, self.c)))))
+        return self._gamma[2]
 
     def direction(self, g: torch.Tensor, pre: _Preconditioner) -> torch.Tensor:
         """−H g by the two-loop recursion with H0 = γ·pre (γ = sᵀy / yᵀ pre y, Nocedal & Wright 7.20)."""
@@ -190,8 +213,7 @@ class _Memory:
             alphas.append(a)
         r = pre.apply(q, self.c)
         if self.s:
-            y = self.y[-1]
-            r.mul_(1.0 / (self.rho[-1] * float(y.dot(pre.apply(y, self.c)))))
+            r.mul_(self._scale(pre))
         for s, y, rho, a in zip(self.s, self.y, self.rho, reversed(alphas)):
             b = rho * float(y.dot(r))
             r.add_(s, alpha=a - b)
@@ -255,7 +277,8 @@ def _lbfgs(prob: _Problem, z: torch.Tensor, f: float, g: torch.Tensor, l2: float
 def fit_logistic_path(x: torch.Tensor, y: torch.Tensor, l2_values: Sequence[float], *, num_classes: int,
                       multilabel: bool = False, max_iter: int = 1000, tol: float = 1e-6,
                       device: str | torch.device = "cpu", float32: bool = True, extrapolate: bool = True,
-                      keep_memory: bool = True, precondition: bool = True) -> list[LogisticFit]:
+                      keep_memory: bool = True, precondition: bool = True,
+                      preconditioner_rank: int | None = PRECONDITIONER_RANK) -> list[LogisticFit]:
     """Fit every λ of ``l2_values`` on the same (x, y); the fits come back in the order of ``l2_values``.
 
     Equivalent to ``[fit_logistic(x, y, l2, ...) for l2 in l2_values]`` (same objective, same minimiser
@@ -292,11 +315,11 @@ def fit_logistic_path(x: torch.Tensor, y: torch.Tensor, l2_values: Sequence[floa
     pw = p64 if not float32 else _Problem(x64.to(torch.float32), y64 if not multilabel else y64.to(torch.float32),
                                           num_classes, multilabel)
     curvature = 0.25 if multilabel else 1.0 / max(num_classes, 2)
-    pre = _Preconditioner(pw.x, curvature) if precondition else None
+    pre = _Preconditioner(pw.x, curvature, preconditioner_rank) if precondition else None
     if pre is None:  # scalar preconditioner: the identity metric (no eigendecomposition)
         pre = _Preconditioner.__new__(_Preconditioner)
         pre.e, pre.v = torch.zeros(0, dtype=work_dtype, device=device), torch.zeros(d, 0, dtype=work_dtype, device=device)
-        pre.e0, pre.c, pre.d, pre.scale_w = 1.0, curvature, d, None
+        pre.e0, pre.c, pre.d, pre.scale_w, pre.version = 1.0, curvature, d, None, 0
     mem = _Memory(HISTORY_SIZE, d, num_classes)
     max_eval = max(max_iter * 5 // 4, 1)
 
