@@ -11,7 +11,9 @@ same feature matrix, so this module solves the grid as a *path*:
   ``γ · V diag(1/(c·e_k + λ)) Vᵀ`` for W (``e_k, V``: eigen-pairs of ``XᵀX/n``, ``c`` the softmax curvature at
   zero: 1/C, or 1/4 one-vs-rest) instead of a scalar. Pooled CNN features have power-law spectra, so at
   small λ the plain problem is ill-conditioned and L-BFGS crawls; this is the cure ``fit_logistic``'s
-  scalar ``W = V/√(1+λ)`` rescaling only applies at one scale. One ``d×d`` eigendecomposition per call.
+  scalar ``W = V/√(1+λ)`` rescaling only applies at one scale. One ``d×d`` eigendecomposition per call;
+  only the top ``PRECONDITIONER_RANK`` eigen-directions are kept (the rest share their mean eigenvalue),
+  so applying it costs a ``[C, D]·[D, 256]`` product, not ``[C, D]·[D, D]``, at the same iteration count.
 * **L-BFGS memory carried across λ.** A curvature pair (s, y) of the objective at λ becomes the exact pair
   at λ' by ``y += (λ' − λ)·s_W``: the penalty is quadratic, only the data term's curvature is approximate.
 * **float32 iterations, float64 polish.** Iterations run on a float32 copy of the features (the matmuls
