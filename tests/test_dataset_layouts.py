@@ -23,7 +23,8 @@ import torch
 from PIL import Image
 
 from xfer.data import DATASETS, DatasetNotFoundError, build_dataset
-from xfer.data.registry import PaperSplits
+from xfer.data.registry import PaperSplits, resolve_options
+from xfer.options import OptionError
 from xfer.metrics import IGNORE, compute_metric
 
 # Kornblith, Shlens & Le 2019, Table A1: classes, train (which includes validation) / test, metric;
@@ -448,8 +449,9 @@ def test_voc2007_map_ignores_difficult_as_the_devkit(tmp_path):
     assert dog_ap() == pytest.approx(28 / 33)
     assert dog_ap(difficult="positive") == pytest.approx(10 / 11)
     assert dog_ap(difficult="negative") == pytest.approx(17 / 22)
-    with pytest.raises(ValueError, match="'difficult' must be one of ignore, positive, negative"):
-        build_dataset("voc2007", root=tmp_path, difficult="maybe")
+    for bad in ("maybe", True):  # checked when a sweep file is loaded, listing the values
+        with pytest.raises(OptionError, match=rf"difficult: {bad!r} is not one of ignore, positive, negative"):
+            resolve_options("voc2007", {"difficult": bad})
     assert build_dataset("voc2007", root=tmp_path).fingerprint() != \
         build_dataset("voc2007", root=tmp_path, difficult="positive").fingerprint()
 

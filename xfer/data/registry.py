@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from xfer.data.base import DatasetInfo, TransferDataset
-from xfer.options import check_options
+from xfer.options import OptionError, check_options
 from xfer.registry import Registry
 
 if TYPE_CHECKING:
@@ -76,6 +76,7 @@ class DatasetEntry:
     cache: bool = False  # in-memory, deterministic data: build once per process and options
     downloadable: bool = False  # torchvision can fetch it (``download: true``)
     paper: PaperSplits | None = None  # the published class count and split sizes, where there are some
+    choices: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)  # options with a closed set of values
 
 
 DATASETS: Registry[DatasetEntry] = Registry("dataset")
@@ -95,12 +96,18 @@ def dataset_option_names(name: str) -> set[str]:
 
 def resolve_options(name: str, options: Mapping[str, Any], path: str | None = None) -> dict[str, Any]:
     """The entry's defaults overlaid with ``options`` (``download`` too, where the dataset can
-    download); unknown names and values of the wrong kind are ``OptionError``s (``xfer.options``)."""
-    defaults = dict(DATASETS.get(name).options)
-    if DATASETS.get(name).downloadable:
+    download); unknown names, values of the wrong kind and values outside an option's ``choices`` are
+    ``OptionError``s (``xfer.options``)."""
+    entry = DATASETS.get(name)
+    defaults = dict(entry.options)
+    if entry.downloadable:
         defaults.setdefault("download", False)
-    out = check_options(options, defaults, path or f"dataset {name!r} option")
-    if not DATASETS.get(name).downloadable or "download" not in options:
+    path = path or f"dataset {name!r} option"
+    for key, valid in entry.choices.items():  # before the type check, so the error lists the values
+        if key in options and not any(options[key] == v and type(options[key]) is type(v) for v in valid):
+            raise OptionError(f"{path}.{key}: {options[key]!r} is not one of {', '.join(map(str, valid))}")
+    out = check_options(options, defaults, path)
+    if not entry.downloadable or "download" not in options:
         out.pop("download", None)
     return out
 

@@ -359,9 +359,6 @@ class VOCClassification(Dataset):
 
 
 def _voc2007(name: str, root: Path, download: bool, opts: Mapping[str, Any]) -> Loaded:
-    if opts["difficult"] not in VOC_DIFFICULT:
-        raise ValueError(f"dataset {name!r} option 'difficult' must be one of {', '.join(VOC_DIFFICULT)}, got "
-                         f"{opts['difficult']!r} (ignore: as the VOC devkit, neither positive nor negative)")
     sets = root / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main"
     pools: Pools = {}
     for split in ("train", "val", "test"):
@@ -428,6 +425,8 @@ _TABLE: dict[str, tuple[PaperSplits, str, str, Callable[..., Loaded], dict[str, 
                    "Oxford 102 Flowers (Nilsback & Zisserman)"),
 }
 
+_CHOICES: dict[str, tuple[Any, ...]] = {"difficult": tuple(VOC_DIFFICULT)}
+
 _OPTION_HELP = {
     **HELDOUT_HELP,
     "partition": "which of the dataset's official partitions (1..10; the paper uses 1)",
@@ -446,4 +445,5 @@ for _name, (_paper, _metric, _rule, _load, _opts, _desc) in _TABLE.items():
                          multilabel=_name == "voc2007", description=_desc),
         options=dict(_opts), builder=_builder(_load), downloadable=True,
         option_help={k: _OPTION_HELP[k] for k in _opts}, paper=_paper,
+        choices={k: v for k, v in _CHOICES.items() if k in _opts},
     ))
