@@ -121,3 +121,12 @@ def test_unconverged_is_reported_honestly(five_class):
     x, y, _, _ = five_class
     fits = fit_logistic_path(x, y, [1e-4], num_classes=5, max_iter=2, precondition=False)
     assert not fits[0].converged and fits[0].grad_max > 1e-6 and fits[0].n_iter <= 2
+
+
+def test_a_float64_stall_is_tagged_stalled_not_converged(five_class):
+    x, y, _, _ = five_class
+    fits = fit_logistic_path(x, y, [1e-1, 1e-3], num_classes=5, tol=1e-18)
+    for f in fits:
+        assert f.n_iter < 1000 and f.grad_max > 1e-18
+        assert f.status == "stalled" and not f.converged
+    assert all(f.status == "converged" for f in fit_logistic_path(x, y, [1e-1, 1e-3], num_classes=5))

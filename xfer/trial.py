@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 from xfer.hashing import stable_hash
 from xfer.timm_names import preprocessing
 
-PROTOCOL_VERSION = "1"
+PROTOCOL_VERSION = "2"  # 2: every new classification head starts at zero (xfer.models.HEAD_INIT)
 WEIGHT_SOURCES = ("hub", "random", "pretrain", "file")
 
 
@@ -65,7 +65,10 @@ class ModelSpec:
     pretrain: PretrainSpec | None = None
     source_top1: float | None = None  # overrides the shipped table / the measured value
     input_size: int | None = None  # overrides the pretrained config's input size
-    paper_name: str | None = None  # the paper model this stands for, for reports
+    paper_name: str | None = None  # the paper model this entry is named for, for reports
+    # other weights run under ``paper_name`` (timm lacks the paper's); None: the shipped table decides
+    # (``xfer.source_accuracy.is_stand_in``). Never part of a key: it changes what a row means, not the result.
+    stand_in: bool | None = None
 
     def pretrain_trial(self) -> "TrialSpec":
         if self.pretrain is None:
