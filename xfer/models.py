@@ -39,6 +39,7 @@ from xfer import timm_names
 from xfer.io import sha256_file
 from xfer.registry import Registry
 from xfer.source_accuracy import TABLE_PATH, read_table  # noqa: F401 - TABLE_PATH re-exported
+from xfer.trial import HEAD_INIT  # the one rule for new heads (see the module docstring)
 
 if TYPE_CHECKING:
     from xfer.contract import RunContext
@@ -59,9 +60,6 @@ class MissingCheckpointError(FileNotFoundError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else super().__str__()
-
-
-HEAD_INIT = "zeros"  # the one rule for new heads (see the module docstring)
 
 
 def init_new_head(module: nn.Module) -> int:

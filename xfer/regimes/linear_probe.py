@@ -35,6 +35,7 @@ class LinearProbe(Regime):
         Option("batch_size", 256, "feature extraction batch", minimum=1),
     )
     uses_features = True
+    new_head = False  # a logistic regression on features, no network head
     path_axis = "l2"  # a sweep solves a cell's λ grid as one warm-started path (xfer.lambda_path)
 
     def run(self, trial: "TrialSpec", ctx: RunContext) -> TrialRecord:
