@@ -740,7 +740,7 @@ def build_report(results: pd.DataFrame, out_dir: str | Path,
     if subs:
         names = _paper_names(results)
         doc.p(f"Stand-ins ({len(subs)}): " + "; ".join(f"{m} runs other weights under the name "
-                                                        f"{names.get(m) or m!r}" for m in subs)
+                                                        f"{names.get(m) or m}" for m in subs)
               + ". Their rows measure the stand-in network, not the paper's model, so every r is given with "
               "them ('all') and without them.")
     shared_lines = [f"{regime}: {', '.join(' = '.join(ms) for ms in h['shared'].values())}"
