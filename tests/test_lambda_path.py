@@ -133,3 +133,12 @@ def test_truncated_preconditioner_reaches_the_same_minimisers(five_class, path_a
     for lam, p, c in zip(LAMS, path, cold):
         assert p.converged and p.grad_max <= 1e-6, lam
         assert p.objective == pytest.approx(c.objective, rel=1e-5), lam
+
+
+def test_a_float64_stall_is_tagged_stalled_not_converged(five_class):
+    x, y, _, _ = five_class
+    fits = fit_logistic_path(x, y, [1e-1, 1e-3], num_classes=5, tol=1e-18)
+    for f in fits:
+        assert f.n_iter < 1000 and f.grad_max > 1e-18
+        assert f.status == "stalled" and not f.converged
+    assert all(f.status == "converged" for f in fit_logistic_path(x, y, [1e-1, 1e-3], num_classes=5))

@@ -21,10 +21,10 @@ same feature matrix, so this module solves the grid as a *path*:
 
 The objective and the λ mapping are exactly the regime's (``logistic_objective``; sklearn's
 C = 1/(λ n)); every fit reports the float64 objective and max |gradient| at the returned point, computed
-in the original (W, b) coordinates. ``converged`` is True only when that gradient test passes
-(max |grad| ≤ tol) or when float64 L-BFGS could make no more progress (the line search found no
-decrease, or the objective stopped changing at float64 precision); running out of ``max_iter`` is
-``converged=False`` with a warning, as in ``fit_logistic``.
+in the original (W, b) coordinates. A fit's ``status`` is ``converged`` only when that gradient test
+passes (max |grad| ≤ tol); float64 L-BFGS that could make no more progress (the line search found no
+decrease, or the objective stopped changing) is ``stalled``, and running out of ``max_iter`` is
+``budget``, each with a warning, as in ``fit_logistic``.
 
 ``fit_logistic`` itself has no warm-start argument, so the solver here is its own small L-BFGS (the
 two-loop recursion with the preconditioner above; torch's strong-Wolfe line search). See
@@ -42,7 +42,7 @@ import torch
 from torch.optim.lbfgs import _strong_wolfe  # torch's line search (private but stable since 1.x)
 
 from xfer.contract import Diverged
-from xfer.logistic import LinearProbeError, LogisticFit, check_l2
+from xfer.logistic import LinearProbeError, LogisticFit, check_l2, fit_status
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +287,7 @@ def fit_logistic_path(x: torch.Tensor, y: torch.Tensor, l2_values: Sequence[floa
     up to ``tol``) but solved large → small λ with warm starts, a covariance preconditioner, L-BFGS memory
     carried across λ, and float32 iterations finished in float64 (see the module docstring; each switch
     exists to measure what it buys). ``max_iter`` and ``tol`` are per λ, as in ``fit_logistic``:
-    ``converged`` means max |∂loss/∂(W, b)| ≤ tol in float64, or no float64 progress was possible.
+    ``converged`` means max |∂loss/∂(W, b)| ≤ tol in float64; ``status`` says stalled or budget otherwise.
     """
     lams = check_l2_values(l2_values)
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
@@ -371,14 +371,14 @@ def fit_logistic_path(x: torch.Tensor, y: torch.Tensor, l2_values: Sequence[floa
             raise Diverged(f"logistic regression objective is not finite ({f64}) at λ={l2:g}")
         z, f, g = z64.to(work_dtype), f64, g64.to(work_dtype)
         grad_max = _grad_max(g64)
-        converged = grad_max <= tol or reason == "no progress"
-        if not converged:
-            log.warning("path L-BFGS used its budget (%d iterations) at λ=%g; max |gradient| %.3g > tol %.3g",
-                        it, l2, grad_max, tol)
+        status = fit_status(grad_max, tol, budget_spent=reason != "no progress")
+        if status != "converged":
+            log.warning("path L-BFGS %s at λ=%g after %d iterations; max |gradient| %.3g > tol %.3g",
+                        "stalled" if status == "stalled" else "used its budget", l2, it, grad_max, tol)
         w64, b64 = _split(z64, num_classes, d)
         fits[i] = LogisticFit(weight=w64.clone(), bias=b64.clone(),
                               objective=f64 / num_classes if multilabel else f64, n_iter=it, grad_max=grad_max,
-                              converged=converged, multilabel=multilabel)
+                              status=status, multilabel=multilabel)
         log.debug("path λ=%g: %d iterations, %d evaluations, objective %.10g, max|grad| %.2g (%s)",
                   l2, it, ev, f64, grad_max, reason)
         prev = (prev + [(l2, z.clone())])[-2:]

@@ -21,6 +21,10 @@ Rules (all deterministic, so rerunning selection on the same runs picks the same
 * A cell with no selectable run is kept with ``status="missing"`` — never dropped — so a report can
   show what is absent. Pass ``trials=`` (the sweep's grid) to also report cells that have no runs at
   all and to ignore runs of trials no longer in the sweep file.
+* With ``trials=``, every row also says what its model entry is (``MODEL_FACTS``: the paper model it
+  is named for, whether it is a stand-in, the input size it runs at and the one its source top-1 was
+  measured at); the results table carries them to the report. ``n_unconverged`` counts the cell's grid
+  fits whose iterative solver did not pass its convergence test (``solver_converged`` = 0).
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from xfer.regimes import REGIMES, Axis, all_axis_names
+from xfer.source_accuracy import model_facts
 from xfer.trial import TrialSpec
 
 log = logging.getLogger(__name__)
@@ -41,6 +46,7 @@ Cell = tuple[str, str, str]  # (model, dataset, regime)
 CELL_COLUMNS = ["model", "dataset", "regime"]
 RUNS_REQUIRED = ["run_id", "trial_key", "model", "dataset", "regime", "stage", "status", "val"]
 VAL_DECIMALS = 12
+MODEL_FACTS = ["paper_name", "stand_in", "input_size", "source_input_size"]  # xfer.source_accuracy.model_facts
 
 
 class SelectionError(ValueError):
@@ -49,12 +55,12 @@ class SelectionError(ValueError):
 
 def selection_columns() -> list[str]:
     return ["model", "dataset", "regime", "status", "run_id", "trial_key", "val", *all_axis_names(),
-            "n_trials", "n_finished", "metric", "source_top1"]
+            "n_trials", "n_finished", "n_unconverged", "metric", "source_top1", *MODEL_FACTS]
 
 
 def results_columns() -> list[str]:
     return ["model", "dataset", "regime", "source_top1", "metric", "value", *all_axis_names(), "run_id", "val",
-            "status", "n_seeds", "note"]
+            "status", "n_seeds", "note", *MODEL_FACTS, "solver_converged", "n_grid_unconverged"]
 
 
 def regime_axes(regime: str) -> tuple[Axis, ...]:
@@ -76,7 +82,7 @@ def _check_columns(df: pd.DataFrame, required: Iterable[str], what: str) -> None
 def _with_optional(df: pd.DataFrame) -> pd.DataFrame:
     """Add the optional runs-table columns as NaN so the code below can rely on them."""
     df = df.copy()
-    for c in all_axis_names() + ["test", "source_top1", "seed", "start_time"]:
+    for c in all_axis_names() + ["test", "source_top1", "solver_converged", "seed", "start_time"]:
         if c not in df.columns:
             df[c] = np.nan
     if "metric" not in df.columns:
@@ -171,7 +177,9 @@ def select_best(runs: pd.DataFrame, stage: str = "grid", *, trials: Sequence[Tri
         df = df[~outside]
         hp_by_key = {k: dict(t.hparams) for k, t in keys.items()}
         cells = expected_cells(trials)
+        facts = {t.model.name: model_facts(t.model) for t in {t.model.name: t for t in trials}.values()}
     else:
+        facts = {}
         cells = sorted({(str(m), str(d), str(r)) for m, d, r in df[CELL_COLUMNS].itertuples(index=False)})
     df = _dedupe_by_cell_key(df)
     df = df.assign(hp=[_hp_key(hp_by_key.get(row["trial_key"]) or row, regime_axes(row["regime"]))
@@ -186,8 +194,10 @@ def select_best(runs: pd.DataFrame, stage: str = "grid", *, trials: Sequence[Tri
         row: dict[str, Any] = dict(zip(CELL_COLUMNS, cell), status="missing", run_id=None, trial_key=None,
                                    val=math.nan, **{a: math.nan for a in all_axis_names()}, n_trials=len(g),
                                    n_finished=int((g["status"] == "finished").sum()),
+                                   n_unconverged=int((pd.to_numeric(g["solver_converged"], errors="coerce") == 0).sum()),
                                    metric=next((m for m in g["metric"] if isinstance(m, str) and m), None),
-                                   source_top1=_first_finite(g["source_top1"]))
+                                   source_top1=_first_finite(g["source_top1"]),
+                                   **facts.get(cell[0], dict.fromkeys(MODEL_FACTS)))
         if not ok.empty:
             ok = ok.assign(val=pd.to_numeric(ok["val"]), _seed=pd.to_numeric(ok["seed"], errors="coerce").fillna(0))
             # one candidate per configuration: mean val over its finished seeds, named by its smallest seed
@@ -263,7 +273,8 @@ def results_table(final_runs: pd.DataFrame, selection: pd.DataFrame) -> pd.DataF
                                "metric": sel.get("metric"), "value": math.nan,
                                **{a: sel.get(a, math.nan) for a in all_axis_names()},
                                "run_id": None, "val": sel["val"], "status": "no_selection",
-                               "n_seeds": 0, "note": "no finished grid trial"}
+                               "n_seeds": 0, "note": "no finished grid trial", **{c: sel.get(c) for c in MODEL_FACTS},
+                               "solver_converged": math.nan, "n_grid_unconverged": sel.get("n_unconverged", math.nan)}
         if sel["status"] == "selected":
             g = groups.get(cell, fr.iloc[0:0])
             g = g[_hp_match(g, sel)]
@@ -277,8 +288,10 @@ def results_table(final_runs: pd.DataFrame, selection: pd.DataFrame) -> pd.DataF
                 ok = ok.sort_values(["_seed", "_t"], kind="mergesort").drop_duplicates("_seed", keep="last")
                 src = _first_finite(ok["source_top1"])
                 metric = next((m for m in ok["metric"] if isinstance(m, str) and m), row["metric"])
+                conv = pd.to_numeric(ok["solver_converged"], errors="coerce").dropna()
                 row.update(value=float(pd.to_numeric(ok["test"]).mean()), run_id=ok["run_id"].iloc[0],
                            status="finished", n_seeds=len(ok), note="", metric=metric,
+                           solver_converged=float(conv.min()) if len(conv) else math.nan,
                            source_top1=src if math.isfinite(src) else row["source_top1"])
         rows.append(row)
     return pd.DataFrame(rows, columns=results_columns())

@@ -47,7 +47,8 @@ TOP_KEYS = {
     "min_free_space": "free space the storage must have before the sweep starts, e.g. 2GB (default 256MB; 0: off)",
     "plugins": "modules imported first, in the driver and every trial process (they register regimes, datasets)",
 }
-MODEL_KEYS = ("name", "arch", "weights", "weights_file", "pretrain", "source_top1", "input_size", "paper_name")
+MODEL_KEYS = ("name", "arch", "weights", "weights_file", "pretrain", "source_top1", "input_size", "paper_name",
+              "stand_in")
 SEARCH_TYPES = ("grid", "optuna")
 RESOURCE_KEYS = ("cpu", "gpu")
 
@@ -176,9 +177,14 @@ def model_spec(raw: Any, path: str, seeds: list[int]) -> ModelSpec:
                 f"an integer >= 8 (pixels), got {size!r}")
     paper = raw.get("paper_name")
     _expect(paper is None or isinstance(paper, str), f"{path}.paper_name", "must be a string")
+    stand_in = raw.get("stand_in")
+    _expect(stand_in is None or isinstance(stand_in, bool), f"{path}.stand_in",
+            f"true or false (whether the entry runs other weights than its paper model), got {stand_in!r}")
+    _expect(not stand_in or bool(paper), f"{path}.stand_in",
+            "a stand-in needs paper_name: the paper model it stands for")
     return ModelSpec(name=raw["name"], arch=raw["arch"], weights=weights, weights_file=weights_file,
                      pretrain=pretrain, source_top1=None if top1 is None else float(top1),
-                     input_size=size, paper_name=paper)
+                     input_size=size, paper_name=paper, stand_in=stand_in)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from xfer.contract import RunContext, TrialRecord
 from xfer.hashing import stable_hash
 from xfer.options import OptionError, check_options, is_number
 from xfer.registry import Registry
-from xfer.trial import DEFAULT_KEY_RULE, KeyRule
+from xfer.trial import DEFAULT_KEY_RULE, HEAD_INIT, KeyRule
 
 if TYPE_CHECKING:
     from xfer.trial import TrialSpec
@@ -81,6 +81,7 @@ class Regime:
     uses_features: bool = False  # reads the feature store (the sweep fills it before the grid)
     grid: bool = True  # False: not a grid regime (pretrain runs from a model's `pretrain:` block)
     model_identity: tuple[str, ...] = DEFAULT_KEY_RULE.model  # model fields its trial key hashes
+    new_head: bool = True  # trains a new classification head: its keys hash the head rule (trial.HEAD_INIT)
     # an axis whose grid values the regime solves together in one task (``run_path``), e.g. the probe's λ
     path_axis: str | None = None
 
@@ -102,7 +103,8 @@ class Regime:
     @property
     def key_rule(self) -> KeyRule:
         return KeyRule(model=tuple(self.model_identity),
-                       ignore_options=tuple(sorted(o.name for o in self.options if not o.affects_result)))
+                       ignore_options=tuple(sorted(o.name for o in self.options if not o.affects_result)),
+                       head_init=HEAD_INIT if self.new_head else None)
 
     def check_options(self, raw: Mapping[str, Any], path: str) -> dict[str, Any]:
         """The defaults overlaid with ``raw``; unknown names, wrong kinds and values below an option's

@@ -77,7 +77,7 @@ def load_runs(uri: str, experiment: str) -> "pd.DataFrame":
     exp_id = require_experiment(client, uri, experiment)
     rows = [row for r in iter_trial_runs(client, exp_id) for row in schema.rows(r)]
     df = pd.DataFrame(rows, columns=schema.runs_columns())
-    for c in ["val", "test", "source_top1", "seconds", *all_axis_names()]:
+    for c in ["val", "test", "source_top1", "solver_converged", "seconds", *all_axis_names()]:
         df[c] = df[c].astype(float)
     df["seed"] = df["seed"].astype("Int64")
     df["start_time"] = pd.to_datetime(df["start_time"], utc=True)
