@@ -65,7 +65,11 @@ MALFORMED = [  # (changes, substrings the error must contain)
     (dict(regimes__finetuen={"grid": {"lr": [0.1], "wd": [0]}}), ["spec.regimes.finetuen", "unknown regime", "finetune"]),
     (dict(regimes__pretrain={"grid": {}}), ["spec.regimes.pretrain", "weights: pretrain"]),
     (dict(seeds="0"), ["spec.seeds", "list of integers"]),
-    (dict(resources={"finetune": {"gpus": 1}}), ["spec.resources.finetune.gpus", "valid keys: cpu, gpu"]),
+    (dict(resources={"finetune": {"gpus": 1}}), ["spec.resources.finetune.gpus", "valid keys: cpu, gpu, models"]),
+    (dict(resources={"finetune": {"gpu": 1, "models": {"zz": {"gpu": 0.5}}}}),
+     ["spec.resources.finetune.models.zz", "not a model of this sweep", "a"]),
+    (dict(resources={"finetune": {"models": {"a": {"gpu": 2.5}}}}), ["spec.resources.finetune.models.a.gpu", "fractions"]),
+    (dict(resources={"finetune": {"models": {"a": {"memory": 2}}}}), ["spec.resources.finetune.models.a.memory", "cpu, gpu"]),
     (dict(resources={"finetune": {"gpu": 1.5}}), ["spec.resources.finetune.gpu", "fractions"]),
     (dict(search={"type": "random"}), ["spec.search.type", "grid, optuna"]),
     (dict(models=[BASE["models"][0], BASE["models"][0]]), ["spec.models", "unique", "a"]),
@@ -92,6 +96,18 @@ def test_not_a_mapping_and_bad_yaml(tmp_path):
         load_spec(lst)
     with pytest.raises(SpecError, match="no such sweep file"):
         load_spec(tmp_path / "missing.yaml")
+
+
+def test_small_models_pack_onto_a_gpu():
+    """resources.<regime>.models gives one model's trials their own share: four MobileNet-size fine-tunes
+    on one GPU while the others take a whole one; features and probes follow the same rule."""
+    spec = parse_spec(spec_with(resources={"finetune": {"cpu": 4, "gpu": 1, "models": {"a": {"gpu": 0.25, "cpu": 2}}},
+                                           "linear_probe": {"gpu": 0.5}}))
+    assert spec.resources_for("finetune", "a") == {"cpu": 2.0, "gpu": 0.25}
+    assert spec.resources_for("finetune", "other") == {"cpu": 4.0, "gpu": 1.0}
+    assert spec.resources_for("finetune") == {"cpu": 4.0, "gpu": 1.0}
+    assert spec.resources_for("linear_probe", "a") == {"cpu": 1.0, "gpu": 0.5}
+    assert spec.resources_for("scratch", "a") == {"cpu": 1.0, "gpu": 0.0}
 
 
 def test_logspace_and_mixed_lists():

@@ -40,7 +40,7 @@ TOP_KEYS = {
     "models": "list of models",
     "datasets": "list of dataset names or {name, label, options...}",
     "regimes": "mapping regime -> {grid: {...}, options...}",
-    "resources": "mapping regime -> {cpu, gpu} per trial",
+    "resources": "mapping regime -> {cpu, gpu} per trial (+ models: {model name: {cpu, gpu}} to pack small models)",
     "search": "{type: grid} (default) or {type: optuna, num_samples, seed}",
     "final": "{enabled: true} — retrain the best config on train+val and test once",
     "max_concurrent": "cap on trials running at once (default: as resources allow)",
@@ -50,7 +50,8 @@ TOP_KEYS = {
 MODEL_KEYS = ("name", "arch", "weights", "weights_file", "pretrain", "source_top1", "input_size", "paper_name",
               "stand_in")
 SEARCH_TYPES = ("grid", "optuna")
-RESOURCE_KEYS = ("cpu", "gpu")
+RESOURCE_KEYS = ("cpu", "gpu", "models")
+AMOUNT_KEYS = ("cpu", "gpu")
 
 
 def _type_name(v: Any) -> str:
@@ -267,10 +268,24 @@ class SweepSpec:
                                                  seed=seed, stage="grid", key_rule=rule))
         return out
 
-    def resources_for(self, regime: str) -> dict[str, float]:
+    def resources_for(self, regime: str, model: str | None = None) -> dict[str, float]:
+        """CPUs and GPUs of one trial: the regime's, or the model's own under ``resources.<regime>.models``
+        (a fractional GPU packs several small-model trials onto one device)."""
         res = {"cpu": 1.0, "gpu": 0.0}
-        res.update(self.resources.get(regime, {}))
+        regime_res = self.resources.get(regime, {})
+        res.update({k: float(v) for k, v in regime_res.items() if k in AMOUNT_KEYS})
+        res.update({k: float(v) for k, v in (regime_res.get("models") or {}).get(model, {}).items()})
         return res
+
+
+def _check_amounts(res: Mapping[str, Any], path: str) -> None:
+    for k in AMOUNT_KEYS:
+        if k not in res:
+            continue
+        v = res[k]
+        _expect(is_number(v) and v >= 0, f"{path}.{k}", f"a number >= 0, got {v!r}")
+        if k == "gpu" and v > 1:
+            _expect(float(v).is_integer(), f"{path}.gpu", "fractions are only allowed below 1")
 
 
 def parse_spec(raw: Any, path: str | None = None) -> SweepSpec:
@@ -308,10 +323,14 @@ def parse_spec(raw: Any, path: str | None = None) -> SweepSpec:
         _expect(r in REGIMES, f"spec.resources.{r}", REGIMES.unknown_message(r))
         _expect(isinstance(res, Mapping), f"spec.resources.{r}", "expected {cpu: N, gpu: N}")
         _check_keys(res, RESOURCE_KEYS, f"spec.resources.{r}")
-        for k, v in res.items():
-            _expect(is_number(v) and v >= 0, f"spec.resources.{r}.{k}", f"a number >= 0, got {v!r}")
-            if k == "gpu" and v > 1:
-                _expect(float(v).is_integer(), f"spec.resources.{r}.gpu", "fractions are only allowed below 1")
+        _check_amounts(res, f"spec.resources.{r}")
+        per_model = res.get("models") or {}
+        _expect(isinstance(per_model, Mapping), f"spec.resources.{r}.models",
+                "expected a mapping model name -> {cpu: N, gpu: N}")
+        for m, mres in per_model.items():
+            _expect(isinstance(mres, Mapping), f"spec.resources.{r}.models.{m}", "expected {cpu: N, gpu: N}")
+            _check_keys(mres, AMOUNT_KEYS, f"spec.resources.{r}.models.{m}")
+            _check_amounts(mres, f"spec.resources.{r}.models.{m}")
     search = dict(raw.get("search") or {"type": "grid"})
     _check_keys(search, ("type", "num_samples", "seed"), "spec.search")
     _expect(search.get("type", "grid") in SEARCH_TYPES, "spec.search.type",
@@ -345,6 +364,10 @@ def parse_spec(raw: Any, path: str | None = None) -> SweepSpec:
     _expect(not dup, "spec.datasets", f"dataset names must be unique (give a `label`); repeated: {', '.join(dup)}")
     models = [model_spec(m, f"spec.models[{i}]", seeds) for i, m in enumerate(raw["models"])]
     names = [m.name for m in models]
+    for r, res in resources.items():  # per-model resources name models of this file
+        for m in (res.get("models") or {}):
+            _expect(m in names, f"spec.resources.{r}.models.{m}",
+                    f"not a model of this sweep; its models: {', '.join(names)}")
     dup = sorted({n for n in names if names.count(n) > 1})
     _expect(not dup, "spec.models", f"model names must be unique; repeated: {', '.join(dup)}")
     return SweepSpec(

@@ -191,7 +191,8 @@ def _resources(spec: SweepSpec):
     from ray import tune
 
     def for_config(config: dict[str, Any]):
-        res = spec.resources_for(config["trial"]["regime"])
+        trial = config["trial"]
+        res = spec.resources_for(trial["regime"], (trial.get("model") or {}).get("name"))
         bundle = {"CPU": float(res["cpu"])}
         if res["gpu"]:
             bundle["GPU"] = float(res["gpu"])
@@ -404,11 +405,13 @@ def run_features(trials: Sequence[TrialSpec], *, spec: SweepSpec, paths: Storage
             need.setdefault("|".join(keys), t)
     if not need:
         return 0
-    res = spec.resources_for(next(iter(need.values())).regime)
-    task = ray.remote(num_cpus=res["cpu"], num_gpus=res["gpu"], max_retries=1)(_compute_features)
+    task = ray.remote(max_retries=1)(_compute_features)
     print(f"features: computing {len(need)} frozen-feature sets", file=out, flush=True)
-    refs = [task.remote(t.to_dict(), str(paths.storage), str(paths.data_root), spec.download, tuple(spec.plugins))
-            for t in need.values()]
+    refs = []
+    for t in need.values():  # each on its model's resources (a small model can take a GPU fraction)
+        res = spec.resources_for(t.regime, t.model.name)
+        refs.append(task.options(num_cpus=res["cpu"], num_gpus=res["gpu"]).remote(
+            t.to_dict(), str(paths.storage), str(paths.data_root), spec.download, tuple(spec.plugins)))
     for i, ref in enumerate(refs, 1):
         ray.get(ref)
         print(f"[features {i}/{len(refs)}] done", file=out, flush=True)
