@@ -65,6 +65,7 @@ MALFORMED = [  # (changes, substrings the error must contain)
     (dict(regimes__finetuen={"grid": {"lr": [0.1], "wd": [0]}}), ["spec.regimes.finetuen", "unknown regime", "finetune"]),
     (dict(regimes__pretrain={"grid": {}}), ["spec.regimes.pretrain", "weights: pretrain"]),
     (dict(seeds="0"), ["spec.seeds", "list of integers"]),
+    (dict(regimes__finetune__trials_per_task=0), ["spec.regimes.finetune.trials_per_task", "integer >= 1"]),
     (dict(resources={"finetune": {"gpus": 1}}), ["spec.resources.finetune.gpus", "valid keys: cpu, gpu, models"]),
     (dict(resources={"finetune": {"gpu": 1, "models": {"zz": {"gpu": 0.5}}}}),
      ["spec.resources.finetune.models.zz", "not a model of this sweep", "a"]),
@@ -96,6 +97,13 @@ def test_not_a_mapping_and_bad_yaml(tmp_path):
         load_spec(lst)
     with pytest.raises(SpecError, match="no such sweep file"):
         load_spec(tmp_path / "missing.yaml")
+
+
+def test_trials_per_task_changes_no_key():
+    plain = parse_spec(spec_with())
+    packed = parse_spec(spec_with(regimes__finetune__trials_per_task=4))
+    assert packed.trials_per_task["finetune"] == 4 and plain.trials_per_task["finetune"] == 1
+    assert [t.key for t in packed.grid_trials()] == [t.key for t in plain.grid_trials()]
 
 
 def test_small_models_pack_onto_a_gpu():

@@ -193,6 +193,9 @@ class RegimeSpec:
     name: str
     grid: Mapping[str, list[float]]
     options: Mapping[str, Any]
+    # grid trials of one cell run back to back in one Ray task: for trials of a few seconds, where Ray's
+    # and MLflow's per-trial cost would exceed the compute (not in trial keys: it changes no result)
+    trials_per_task: int = 1
 
 
 def _regime(name: str, raw: Any, path: str) -> RegimeSpec:
@@ -206,6 +209,9 @@ def _regime(name: str, raw: Any, path: str) -> RegimeSpec:
     _expect(isinstance(raw, Mapping), path, f"expected a mapping {{grid: ..., options...}}, got {raw!r}")
     raw = dict(raw)
     grid_raw = raw.pop("grid", None)
+    per_task = raw.pop("trials_per_task", 1)
+    _expect(isinstance(per_task, int) and not isinstance(per_task, bool) and per_task >= 1,
+            f"{path}.trials_per_task", f"an integer >= 1 (grid trials run back to back in one task), got {per_task!r}")
     _expect(isinstance(grid_raw, Mapping), f"{path}.grid",
             f"required: a mapping of {', '.join(regime.axis_names)} to values")
     _check_keys(grid_raw, regime.axis_names, f"{path}.grid")
@@ -216,7 +222,7 @@ def _regime(name: str, raw: Any, path: str) -> RegimeSpec:
         bad = [v for v in values if not axis.valid(v)]
         _expect(not bad, f"{path}.grid.{axis.name}", f"values must be {axis.rule}, got {bad}")
         grid[axis.name] = values
-    return RegimeSpec(name=name, grid=grid, options=_options(regime, raw, path))
+    return RegimeSpec(name=name, grid=grid, options=_options(regime, raw, path), trials_per_task=per_task)
 
 
 @dataclass(frozen=True)
@@ -267,6 +273,11 @@ class SweepSpec:
                                                  hparams=dict(zip(axes, values)), options=dict(r.options),
                                                  seed=seed, stage="grid", key_rule=rule))
         return out
+
+    @property
+    def trials_per_task(self) -> dict[str, int]:
+        """Regime -> grid trials per Ray task (see ``RegimeSpec.trials_per_task``)."""
+        return {r.name: r.trials_per_task for r in self.regimes}
 
     def resources_for(self, regime: str, model: str | None = None) -> dict[str, float]:
         """CPUs and GPUs of one trial: the regime's, or the model's own under ``resources.<regime>.models``
