@@ -45,7 +45,7 @@ def run(root: Path, name: str, args, batch: bool) -> dict[str, float]:
 
     real = sweep.trial_configs
     # the baseline: one Ray trial per λ, as the sweep ran before the path solver
-    sweep.trial_configs = (lambda trials, batch=True: real(trials, batch=False)) if not batch else real
+    sweep.trial_configs = (lambda trials, batch=True, per_task=None: real(trials, batch=False)) if not batch else real
     try:
         s = load_spec(spec(root, name, args.models, args.lambdas, args.datasets))
         uri = f"sqlite:///{root}/{name}.db"
