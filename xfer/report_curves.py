@@ -169,6 +169,19 @@ def size_label(v: float) -> str:
     return "all" if v == 0 else f"{v:g}"
 
 
+def _shown(df: pd.DataFrame) -> pd.DataFrame:
+    """A table as the report prints it: schedule as ``2×``, sizes as counts or ``all``, steps as integers."""
+    out = df.copy()
+    if SCHEDULE in out.columns:
+        out[SCHEDULE] = [f"{v:g}×" for v in out[SCHEDULE]]
+    if TRAIN_SIZE in out.columns:
+        out[TRAIN_SIZE] = [size_label(v) for v in out[TRAIN_SIZE]]
+    for c in out.columns:
+        if c in ("steps", "steps_to_90", "n_seeds") or str(c).startswith(tuple(f"{r}: median" for r in REGIMES.names())):
+            out[c] = [str(int(round(v))) if np.isfinite(v) else None for v in pd.to_numeric(out[c], errors="coerce")]
+    return out
+
+
 # ------------------------------------------------------------------ figures
 def _figure(width: float, height: float):
     from matplotlib.figure import Figure  # no pyplot: no global state
@@ -187,28 +200,31 @@ def _panels(n: int, width: float = 4.2, height: float = 3.4):
 
 def plot_convergence(results: pd.DataFrame, curves: Mapping[str, Curve], conv: pd.DataFrame,
                      color: Callable[[str], str], label: Callable[[str], str]) -> Any:
-    """Per dataset: validation log-odds against step for each regime and model at the default cell,
-    the step where each run reaches 90 % of its final log-odds marked."""
-    main = main_cells(results)
-    datasets = [d for d in stats.datasets_in(main) if d in set(conv["dataset"])]
-    fig, axes = _panels(len(datasets))
-    reach = {(r.model, r.dataset, r.regime): r.steps_to_90 for r in main_cells(conv).itertuples(index=False)}
-    for ax, ds in zip(axes, datasets):
+    """A panel per dataset and schedule length (training-set size at its default): validation log-odds
+    against step for each regime and model, the step where a run reaches 90 % of its final log-odds
+    marked with a circle."""
+    rows = _others_at_default(results, SCHEDULE) if SCHEDULE in results.columns else main_cells(results)
+    rows = rows[[str(r) in curves and len(curves[str(r)]) >= 2 for r in rows.get("grid_run_id", [None] * len(rows))]]
+    if SCHEDULE not in rows.columns:
+        rows = rows.assign(**{SCHEDULE: 1.0})
+    panels = list(dict.fromkeys(zip(rows["dataset"], rows[SCHEDULE])))
+    panels.sort(key=lambda p: (stats.datasets_in(rows).index(p[0]), p[1]))
+    fig, axes = _panels(len(panels))
+    reach = {(r.model, r.dataset, r.regime, float(getattr(r, SCHEDULE, 1.0) or 1.0)): r.steps_to_90
+             for r in conv.itertuples(index=False)}
+    for ax, (ds, sched) in zip(axes, panels):
         seen: set[str] = set()
-        for row in main[main["dataset"] == ds].itertuples(index=False):
-            curve = curves.get(str(getattr(row, "grid_run_id", "")))
-            if not curve or len(curve) < 2:
-                continue
+        for row in rows[(rows["dataset"] == ds) & (rows[SCHEDULE] == sched)].itertuples(index=False):
+            curve = curves[str(row.grid_run_id)]
             steps = np.array([p[0] for p in curve], dtype=float)
             lo = np.asarray(stats.logit(np.array([p[1] for p in curve], dtype=float)), dtype=float)
             c = color(row.regime)
-            ax.plot(steps, lo, "-", color=c, lw=1.2, alpha=0.8,
-                    label=None if row.regime in seen else label(row.regime))
+            ax.plot(steps, lo, "-", color=c, lw=1.2, alpha=0.8, label=None if row.regime in seen else label(row.regime))
             seen.add(row.regime)
-            at = reach.get((row.model, row.dataset, row.regime), math.nan)
+            at = reach.get((row.model, row.dataset, row.regime, float(sched)), math.nan)
             if np.isfinite(at):
-                ax.plot([at], [lo[np.searchsorted(steps, at)]], "o", color=c, ms=5, mfc="white", zorder=3)
-        ax.set_title(ds, fontsize=10)
+                ax.plot([at], [lo[np.searchsorted(steps, at)]], "o", color=c, ms=6, mfc="white", zorder=3)
+        ax.set_title(f"{ds} · schedule {sched:g}×" if rows[SCHEDULE].nunique() > 1 else ds, fontsize=10)
         ax.set_xlabel("training step")
         ax.set_ylabel("validation log-odds")
         ax.grid(True, alpha=0.3)
@@ -293,10 +309,10 @@ def views(results: pd.DataFrame, out_dir: str | Path, curves: Mapping[str, Curve
                                  "'—': the final validation accuracy is at or below 50 %, where a fraction of the "
                                  "log-odds means nothing."))
         keys = ["dataset", *[c for c in cell_axis_columns(conv) if conv[c].nunique() > 1]]
-        summary = conv.pivot_table(index=keys, columns="regime", values="steps_to_90", aggfunc="median")
+        summary = conv.pivot_table(index=keys, columns="regime", values="steps_to_90", aggfunc="median", dropna=False)
         summary.columns = [f"{r}: median steps to {pct} %" for r in summary.columns]
-        made.blocks.append(("table", summary.reset_index()))
-        made.blocks.append(("table", conv))
+        made.blocks.append(("table", _shown(summary.reset_index())))
+        made.blocks.append(("table", _shown(conv.drop(columns=[c for c in cell_axis_columns(conv) if c not in keys]))))
         figure("fig_convergence", plot_convergence(results, curves or {}, conv, color, label),
                f"Validation log-odds during training at the selected configuration; circles: {pct} % of the "
                "final log-odds reached (pre-trained networks converge faster: the paper's Figure 5).")
@@ -309,7 +325,7 @@ def views(results: pd.DataFrame, out_dir: str | Path, curves: Mapping[str, Curve
                                  "regime's steps; cosine decay over the whole schedule). A gap that shrinks with "
                                  "the schedule is random initialisation catching up (He et al. 2018)."))
         means = gap.groupby(["dataset", SCHEDULE], sort=False)[["log_odds_a", "log_odds_b", "gap"]].mean()
-        made.blocks.append(("table", means.reset_index().rename(columns={
+        made.blocks.append(("table", _shown(means.reset_index()).rename(columns={
             "log_odds_a": f"{a} log-odds", "log_odds_b": f"{b} log-odds", "gap": "gap (mean over models)"})))
         figure("fig_schedule_gap", plot_schedule_gap(gap, label),
                f"{label(a)} minus {label(b)} test log-odds against schedule length; points: mean over models, "
@@ -322,8 +338,7 @@ def views(results: pd.DataFrame, out_dir: str | Path, curves: Mapping[str, Curve
                                  "'all': the whole split). Each seed draws its own subset (nested across sizes); "
                                  "values are means over seeds, ± one standard deviation over seeds (the paper's "
                                  "Figure 6)."))
-        shown = size.assign(**{TRAIN_SIZE: size[TRAIN_SIZE].map(size_label)}).rename(
-            columns={"value": "test accuracy (%)", "value_sd": "± s.d. (%)"})
+        shown = _shown(size).rename(columns={"value": "test accuracy (%)", "value_sd": "± s.d. (%)"})
         shown[["test accuracy (%)", "± s.d. (%)"]] = shown[["test accuracy (%)", "± s.d. (%)"]] * 100
         made.blocks.append(("table", shown))
         figure("fig_datasize", plot_datasize(size, color, label),
