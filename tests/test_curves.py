@@ -219,6 +219,7 @@ def test_views_from_a_results_table():
 
     size = datasize_table(res)
     assert len(size) == 2 * 2 * 2 * 3 and sorted(size.train_size.unique()) == [0.0, 5.0, 20.0]
+    assert size.train_size.tolist()[:3] == [5.0, 20.0, 0.0]  # "all" after the subsets
     assert size[size.train_size == 5.0].value_sd.eq(0.02).all()
     assert datasize_table(res[res.train_size == 0]).empty  # one size: nothing to plot
     assert schedule_gap(res[res.schedule == 1]).empty

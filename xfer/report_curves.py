@@ -162,7 +162,8 @@ def datasize_table(results: pd.DataFrame) -> pd.DataFrame:
         if c not in df.columns:
             df[c] = np.nan
     df = df.assign(value=pd.to_numeric(df["value"], errors="coerce"))
-    return df[cols].sort_values(["dataset", "regime", "model", TRAIN_SIZE], kind="mergesort").reset_index(drop=True)
+    order = df.assign(_size=df[TRAIN_SIZE].replace(0.0, math.inf))  # "all" after every subset
+    return order.sort_values(["dataset", "regime", "model", "_size"], kind="mergesort")[cols].reset_index(drop=True)
 
 
 def size_label(v: float) -> str:
