@@ -119,13 +119,15 @@ def trial_from_args(args: argparse.Namespace):
             raise UsageError(f"--{name.replace('_', '-')} does not apply to regime {args.regime!r}; its "
                              f"hyper-parameters: {flags}")
     hparams: dict[str, float] = {}
-    for axis in regime.axis_names:
-        if axis not in given:
-            raise UsageError(f"--{axis.replace('_', '-')} is required for regime {args.regime!r} "
+    for a in regime.axes:
+        if a.name not in given and a.default is None:
+            raise UsageError(f"--{a.name.replace('_', '-')} is required for regime {args.regime!r} "
                              f"(its hyper-parameters: {flags})")
-        hparams[axis] = float(given.pop(axis))
+        if a.name in given:  # a cell axis left out runs its default (and keys as a trial without it)
+            hparams[a.name] = float(given.pop(a.name))
     try:
-        hparams = {a.name: a.check(hparams[a.name], f"--{a.name.replace('_', '-')}") for a in regime.axes}
+        hparams = {a.name: a.check(hparams[a.name], f"--{a.name.replace('_', '-')}") for a in regime.axes
+                   if a.name in hparams}
         options = regime.check_options({**given, **_parse_kv(args.option, "--option")},
                                        f"regime {args.regime} option")
     except OptionError as e:

@@ -36,7 +36,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from xfer import stats
+from xfer import report_curves, stats
 from xfer.regimes import REGIMES
 
 log = logging.getLogger(__name__)
@@ -167,12 +167,17 @@ def validate_results(df: pd.DataFrame, *, source: str = "results table", allow_p
                 raise ResultsTableError(f"{source}: column {c!r} differs across rows of model {m!r} "
                                         f"({sorted(map(str, out.loc[out.model == m, c].unique()))}); it describes "
                                         "the model entry and must be one value per model")
-    dup = out.duplicated(["model", "dataset", "regime"], keep=False)
+    cell_axes = report_curves.cell_axis_columns(out)  # schedule, train_size: each value is a cell of its own
+    dup = out.duplicated(["model", "dataset", "regime", *cell_axes], keep=False)
     if dup.any():
         cells = out.loc[dup, ["model", "dataset", "regime"]].drop_duplicates().head(5)
         listed = "; ".join(" / ".join(r) for r in cells.itertuples(index=False))
-        raise ResultsTableError(f"{source}: more than one row for the same (model, dataset, regime): {listed}; "
-                                "a results table has one row per cell")
+        raise ResultsTableError(f"{source}: more than one row for the same (model, dataset, regime"
+                                f"{''.join(', ' + c for c in cell_axes)}): {listed}; a results table has one row per "
+                                "cell")
+    if report_curves.main_cells(out).empty:
+        raise ResultsTableError(f"{source}: no row has every cell axis ({', '.join(cell_axes)}) at its default; the "
+                                "main analysis compares models there")
     try:
         stats.source_top1_by_model(out)
     except ValueError as e:
@@ -663,14 +668,18 @@ def build_report(results: pd.DataFrame, out_dir: str | Path,
                  predictions: Mapping[tuple[str, str, str], "tuple[np.ndarray, np.ndarray] | None"] | None = None,
                  title: str = "Transfer study report", *, n_boot: int = 10_000, seed: int = 0,
                  alpha: float = stats.ALPHA, n_permutations: int = 1_000,
-                 metric_fn: Callable[[str], stats.MetricFn] | None = None) -> Report:
+                 metric_fn: Callable[[str], stats.MetricFn] | None = None,
+                 curves: Mapping[str, report_curves.Curve] | None = None) -> Report:
     """Analyse a results table and write the report files into ``out_dir`` (see the module docstring).
 
     ``predictions`` maps (model, dataset, regime) to the final run's per-example test outputs
     ``(scores [N, C], targets [N] or [N, C])`` (or None when absent); without them the heat maps mark
-    only the best model per dataset. Returns a ``Report`` (files + headline per regime).
+    only the best model per dataset. ``curves`` maps grid run ids to validation curves (the convergence
+    view). Rows along a cell axis (schedule, training-set size) feed ``xfer.report_curves``'s views; the
+    rest of the report reads the rows at the cell axes' defaults. Returns a ``Report``.
     """
-    results = validate_results(results)
+    full = validate_results(results)
+    results = report_curves.main_cells(full).reset_index(drop=True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
@@ -819,6 +828,10 @@ def build_report(results: pd.DataFrame, out_dir: str | Path,
     if solver:
         doc.h("Solver convergence")
         doc.p(solver)
+    extra = report_curves.views(full, out, curves, color=regime_color, label=regime_label)
+    for kind, x in extra.blocks:
+        doc.img(*x) if kind == "img" else {"h2": doc.h, "p": doc.p, "table": doc.table}[kind](x)
+    files.update(extra.files)
 
     doc.h("Missing results")
     if missing.empty:
@@ -834,7 +847,7 @@ def build_report(results: pd.DataFrame, out_dir: str | Path,
           "sqrt(M/(M−1)) correction, t-interval over datasets. Selection used validation only; test was "
           "evaluated once per cell at the selected hyper-parameters.")
 
-    results.to_csv(out / "results.csv", index=False)
+    full.to_csv(out / "results.csv", index=False)
     files["results_csv"] = out / "results.csv"
     (out / "headline.json").write_text(json.dumps(_json_safe(head), indent=2))
     files["headline_json"] = out / "headline.json"

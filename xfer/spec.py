@@ -217,10 +217,16 @@ def _regime(name: str, raw: Any, path: str) -> RegimeSpec:
     _check_keys(grid_raw, regime.axis_names, f"{path}.grid")
     grid: dict[str, list[float]] = {}
     for axis in regime.axes:
+        if axis.name not in grid_raw and axis.default is not None:
+            continue  # a cell axis the sweep does not name: its trials run (and key as) its default
         _expect(axis.name in grid_raw, f"{path}.grid.{axis.name}", "missing; every axis of the regime needs values")
         values = _expand_values(grid_raw[axis.name], f"{path}.grid.{axis.name}")
         bad = [v for v in values if not axis.valid(v)]
         _expect(not bad, f"{path}.grid.{axis.name}", f"values must be {axis.rule}, got {bad}")
+        if axis.cell and not any(axis.is_default(v) for v in values):
+            raise SpecError(f"{path}.grid.{axis.name}: a cell axis must include its default {axis.default:g} (the "
+                            "cell the main analysis compares across models and regimes; every other value is a "
+                            f"cell of its own), got {values}")
         grid[axis.name] = values
     return RegimeSpec(name=name, grid=grid, options=_options(regime, raw, path), trials_per_task=per_task)
 
@@ -427,10 +433,13 @@ def plan(spec: SweepSpec) -> dict[str, Any]:
     per_model_dataset = n_seeds * sum(per_cell_regime.values())
     by_cell = {f"{m.name} / {d.display}": per_model_dataset for m in spec.models for d in spec.datasets}
     n_cells = len(spec.models) * n_data * n_seeds
+    # a cell axis (schedule, training-set size) makes each of its values a cell with its own final trial
+    points = {r.name: math.prod(len(r.grid.get(a.name, [a.default])) for a in REGIMES.get(r.name).cell_axes)
+              for r in spec.regimes}
     return {
         "sweep": spec.name, "total": sum(by_regime.values()), "distinct": sum(distinct.values()),
         "distinct_by_regime": distinct, "pretrain": len(spec.pretrain_trials()),
-        "final": n_cells * len(spec.regimes) if spec.final else 0,
+        "final": n_cells * sum(points.values()) if spec.final else 0,
         "models": len(spec.models), "datasets": n_data, "seeds": n_seeds,
         "by_regime": by_regime, "per_cell_by_regime": per_cell_regime, "by_model_dataset": by_cell,
         "grids": {r.name: {a: len(v) for a, v in r.grid.items()} for r in spec.regimes},

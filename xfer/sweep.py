@@ -311,7 +311,7 @@ def run_stage(stage: str, trials: Sequence[TrialSpec], *, spec: SweepSpec, paths
     already has as finished/diverged; ``resume`` restores the stage's Tune experiment instead."""
     from ray import tune
 
-    from xfer import tracking
+    from xfer import select, tracking
     from xfer.progress import ProgressCallback
 
     _quiet_ray_tune()
@@ -365,7 +365,7 @@ def run_search(trials: Sequence[TrialSpec], *, spec: SweepSpec, paths: StorageLa
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    from xfer import tracking
+    from xfer import select, tracking
     from xfer.progress import ProgressCallback
 
     _quiet_ray_tune()
@@ -374,8 +374,8 @@ def run_search(trials: Sequence[TrialSpec], *, spec: SweepSpec, paths: StorageLa
     n, seed = int(spec.search["num_samples"]), int(spec.search.get("seed", 0))
     done = tracking.finished_keys(tracker.uri, tracker.experiment_name, "grid")
     cells: dict[tuple, list[TrialSpec]] = {}
-    for t in trials:
-        cells.setdefault(t.cell + (t.seed,), []).append(t)
+    for t in trials:  # a cell axis (schedule, training-set size) is part of the cell, never searched over
+        cells.setdefault(select.cell_of(t) + (t.seed,), []).append(t)
     todo = {c: max(0, min(n, len(ts)) - sum(t.key in done for t in ts)) for c, ts in cells.items()}
     total, left = sum(min(n, len(ts)) for ts in cells.values()), sum(todo.values())
     print(f"grid (optuna, {n} per cell): {total} trials — {total - left} done, {left} to run", file=out, flush=True)
@@ -387,7 +387,8 @@ def run_search(trials: Sequence[TrialSpec], *, spec: SweepSpec, paths: StorageLa
             continue
         base = ts[0]
         space = {"trial": trial_configs([base])[0],
-                 **{axis: tune.choice(sorted({t.hparams[axis] for t in ts})) for axis in base.hparams}}
+                 **{axis: tune.choice(sorted({t.hparams[axis] for t in ts})) for axis in base.hparams
+                    if axis not in dict(select.cell_point(base.regime, base.hparams))}}
         searcher = OptunaSearch(metric="xfer_objective", mode="max", seed=seed)
         tuner = tune.Tuner(
             trainable, param_space=space,

@@ -26,22 +26,31 @@ WEIGHT_SOURCES = ("hub", "random", "pretrain", "file")
 @dataclass(frozen=True)
 class KeyRule:
     """What a trial's key hashes: the model fields in ``model`` (of ``ModelSpec.key_fields``), every
-    option except ``ignore_options`` (observation cadence: logging more often re-runs nothing), and
-    ``head_init`` for a regime that trains a new head (None: it trains none, e.g. the linear probe)."""
+    option except ``ignore_options`` (observation cadence: logging more often re-runs nothing),
+    ``head_init`` for a regime that trains a new head (None: it trains none, e.g. the linear probe), and
+    every hyper-parameter except one at its value in ``hparam_defaults`` (an axis added later whose
+    default reproduces the trials that existed before it: they keep their keys)."""
 
     model: tuple[str, ...] = ("name", "arch", "weights", "input_size")
     ignore_options: tuple[str, ...] = ("checkpoint_every", "eval_every", "log_every")
     head_init: str | None = HEAD_INIT
+    hparam_defaults: tuple[tuple[str, float], ...] = ()
+
+    def hashed_hparams(self, hparams: Mapping[str, float]) -> dict[str, float]:
+        defaults = dict(self.hparam_defaults)
+        return {k: v for k, v in hparams.items() if not (k in defaults and v == defaults[k])}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": list(self.model), "ignore_options": list(self.ignore_options), "head_init": self.head_init}
+        return {"model": list(self.model), "ignore_options": list(self.ignore_options), "head_init": self.head_init,
+                "hparam_defaults": [list(p) for p in self.hparam_defaults]}
 
     @staticmethod
     def from_dict(d: Mapping[str, Any] | None) -> "KeyRule":
         if not d:
             return DEFAULT_KEY_RULE
         return KeyRule(model=tuple(d["model"]), ignore_options=tuple(d["ignore_options"]),
-                       head_init=d.get("head_init", HEAD_INIT))
+                       head_init=d.get("head_init", HEAD_INIT),
+                       hparam_defaults=tuple((str(k), float(v)) for k, v in d.get("hparam_defaults", ())))
 
 
 DEFAULT_KEY_RULE = KeyRule()
@@ -162,7 +171,7 @@ class TrialSpec:
     def key(self) -> str:
         parts = {
             "model": self.model.key_fields(self.key_rule.model), "dataset": self.dataset.key_fields(),
-            "regime": self.regime, "hparams": dict(self.hparams),
+            "regime": self.regime, "hparams": self.key_rule.hashed_hparams(self.hparams),
             "options": {k: v for k, v in self.options.items() if k not in self.key_rule.ignore_options},
             "seed": self.seed, "stage": self.stage, "protocol": PROTOCOL_VERSION,
         }
