@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 COMMANDS = {
     "xfer --help": ["--help"],
     "spec error (unknown key)": ["plan", "{tmp}/bad.yaml"],
-    "xfer plan kornblith2019": ["plan", "{repo}/sweeps/kornblith2019.yaml"],
+    "xfer plan kornblith2019": ["plan", "{repo}/sweeps/kornblith2019-public.yaml"],
 }
 
 

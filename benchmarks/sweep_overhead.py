@@ -4,10 +4,14 @@ same spec, same process, same machine. Each λ is its own MLflow run in both.
 
 overhead per trial = (stage wall time − the trials' own compute, summed) / trials
 
+Ray gets one CPU (``--cpus 1``), so trials run one at a time and the difference is bookkeeping (with
+two CPUs, trials overlap and the sum of their compute exceeds the wall time).
+
 where the trials' own compute is the ``trial_seconds`` each run records (a batch's wall time is shared
 among its trials). Frozen features are computed once, before the grid, and are not counted.
 
-    python benchmarks/sweep_overhead.py [--models 2] [--lambdas 50] [--datasets digits synthetic_near]
+    python benchmarks/sweep_overhead.py --models 4 --lambdas 45 --datasets digits synthetic_near synthetic_far
+                                                               # 540 probe trials
 """
 from __future__ import annotations
 
@@ -45,7 +49,7 @@ def run(root: Path, name: str, args, batch: bool) -> dict[str, float]:
 
     real = sweep.trial_configs
     # the baseline: one Ray trial per λ, as the sweep ran before the path solver
-    sweep.trial_configs = (lambda trials, batch=True: real(trials, batch=False)) if not batch else real
+    sweep.trial_configs = (lambda trials, batch=True, per_task=None: real(trials, batch=False)) if not batch else real
     try:
         s = load_spec(spec(root, name, args.models, args.lambdas, args.datasets))
         uri = f"sqlite:///{root}/{name}.db"
@@ -66,6 +70,7 @@ def main() -> None:
     ap.add_argument("--models", type=int, default=2)
     ap.add_argument("--lambdas", type=int, default=50)
     ap.add_argument("--datasets", nargs="+", default=["digits"])
+    ap.add_argument("--cpus", type=int, default=1, help="CPUs Ray may use (1: trials run one at a time)")
     args = ap.parse_args()
     import ray
 
@@ -73,7 +78,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
-        connect_ray(None)
+        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
+                 object_store_memory=256 * 1024 * 1024, _node_ip_address="127.0.0.1")
+        connect_ray(None)  # joins the instance above
         try:
             t0 = time.perf_counter()
             # each sweep has its own experiment; they share the feature store, which the first one fills

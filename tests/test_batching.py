@@ -80,3 +80,22 @@ def test_a_batch_becomes_one_run_per_trial(ctx, tmp_path):
     assert not list((tmp_path / "journal").glob("*.json"))
     vals = {json.loads(e["record"])["metrics"]["val_top1"] for e in entries}
     assert set(runs["val"]) == vals
+
+
+def test_cheap_trials_of_a_cell_share_a_task(ctx):
+    """trials_per_task: fine-tune trials of one cell run back to back in one Ray task, each in its own
+    work folder with its own record — and the same result as run alone."""
+    ft = [TrialSpec(MODEL, DatasetRef("digits"), "finetune", {"lr": lr, "wd": 0.0},
+                    {**REGIMES.get("finetune").defaults, "steps": 3, "batch_size": 16}) for lr in (0.1, 0.03, 0.01)]
+    other = TrialSpec(ModelSpec(name="other", arch="test_byobnet", weights="random", input_size=32),
+                      DatasetRef("digits"), "finetune", {"lr": 0.1, "wd": 0.0}, ft[0].options)
+    configs = trial_configs(ft + [other], per_task={"finetune": 2})
+    sizes = sorted(len(c.get(writer.BATCH, [c])) for c in configs)
+    assert sizes == [1, 1, 2]  # a cell's three trials in chunks of two; another model's cell apart
+    assert trial_configs(ft, per_task={"finetune": 1}) == trial_configs(ft)  # the default: one trial per task
+    result = execute_batch([(t, []) for t in ft[:2]], ctx.layout, download=False)
+    entries = json.loads(result[writer.BATCH])
+    assert [TrialSpec.from_dict(e["trial"]).key for e in entries] == [t.key for t in ft[:2]]
+    alone = run_trial(ft[1], RunContext(layout=ctx.layout, download=False, work_dir=ctx.layout.work_dir(ft[1].key)))
+    together = json.loads(entries[1]["record"])
+    assert together["status"] == "finished" and together["metrics"]["val_top1"] == alone.metrics["val_top1"]

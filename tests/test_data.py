@@ -17,6 +17,7 @@ from xfer import data
 from xfer.data import DATASETS, DatasetNotFoundError, build_dataset, build_from_ref, dataset_option_names
 from xfer.data.folder import ImageReadError
 from xfer.data.splits import per_class_sample, stratified_holdout
+from xfer.metrics import IGNORE
 from xfer.data.transforms import DataConfig, eval_transform, train_transform
 from xfer.registry import UnknownNameError
 
@@ -342,9 +343,10 @@ def test_voc2007_multilabel_targets_from_xml(tmp_path):
     idx = {c: i for i, c in enumerate(ds.class_names())}
     img, t = ds.split("train")[1]
     assert isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.shape == (20,)
-    assert set(torch.nonzero(t).flatten().tolist()) == {idx["cat"], idx["dog"]}  # difficult counts by default
+    assert set(torch.nonzero(t).flatten().tolist()) == {idx["cat"], idx["dog"]}
+    assert t[idx["cat"]] == 1 and t[idx["dog"]] == IGNORE  # only-difficult: neither, as the devkit
     assert ds.split("test")[0][1].sum() == 2  # two cars count once
-    strict = build_dataset("voc2007", root=tmp_path, difficult=False)
+    strict = build_dataset("voc2007", root=tmp_path, difficult="negative")
     assert set(torch.nonzero(strict.split("train")[1][1]).flatten().tolist()) == {idx["cat"]}
     assert strict.fingerprint() != ds.fingerprint()
 

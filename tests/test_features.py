@@ -98,6 +98,17 @@ def test_keys_separate_split_dataset_and_weights(ctx, tmp_path):
     assert k == features.feature_key(MODEL, DIGITS, "train", elsewhere)
 
 
+def test_keys_separate_precision(ctx):
+    """bf16 autocast on a GPU and float32 on a CPU give different features: they must not share a key."""
+    cpu = features.feature_key(MODEL, DIGITS, "train", ctx)
+    gpu = features.feature_key(MODEL, DIGITS, "train", replace(ctx, device="cuda"))
+    assert cpu != gpu
+    assert features.precision_for("cuda") == "bf16-autocast" and features.precision_for("cpu") == "float32"
+    fs = features.get_feature_set(MODEL, DIGITS, "val", ctx)
+    assert fs.meta["precision"] == "float32" and fs.meta["dtype"] == "float32"
+    assert fs.features.dtype == features.STORED_DTYPE
+
+
 def test_key_lookups_build_each_model_and_dataset_once(ctx, monkeypatch):
     import xfer.data
     import xfer.models

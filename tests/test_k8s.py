@@ -157,19 +157,19 @@ def test_the_validators_reject_broken_copies() -> None:
     with pytest.raises(jsonschema.ValidationError, match="tolerations"):
         validate(cluster)
 
-    job = copy.deepcopy(by_kind[("RayJob", "xfer-kornblith2019")])
+    job = copy.deepcopy(by_kind[("RayJob", "xfer-kornblith2019-public")])
     job["spec"]["shutdownAfterJobFinishes"] = "yes"
     with pytest.raises(jsonschema.ValidationError):
         validate(job)
-    job = copy.deepcopy(by_kind[("RayJob", "xfer-kornblith2019")])
+    job = copy.deepcopy(by_kind[("RayJob", "xfer-kornblith2019-public")])
     job["spec"]["shutdownAfterJobFinishes"] = False  # KubeRay refuses a TTL without shutdown
     with pytest.raises(AssertionError, match="ttlSecondsAfterFinished"):
         validate(job)
-    job = copy.deepcopy(by_kind[("RayJob", "xfer-kornblith2019")])
+    job = copy.deepcopy(by_kind[("RayJob", "xfer-kornblith2019-public")])
     job["spec"].pop("rayClusterSpec")  # neither a cluster of its own nor a selector
     with pytest.raises(AssertionError, match="rayClusterSpec or clusterSelector"):
         validate(job)
-    job = copy.deepcopy(by_kind[("RayJob", "xfer-kornblith2019")])
+    job = copy.deepcopy(by_kind[("RayJob", "xfer-kornblith2019-public")])
     job["spec"]["runtimeEnvYAML"] = "env_var:\n  A: b\n"
     with pytest.raises(AssertionError, match="env_var"):
         validate(job)
@@ -503,12 +503,12 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
 
 
 def test_dry_run_of_the_paper_sweep_is_the_k8s_copy(capsys) -> None:
-    code, out, err = run_cli(["submit", "sweeps/kornblith2019.yaml", "--dry-run"], capsys)
+    code, out, err = run_cli(["submit", "sweeps/kornblith2019-public.yaml", "--dry-run"], capsys)
     assert code == 0, err
-    assert yaml.safe_load(out) == load_docs(K8S / "jobs" / "kornblith2019.yaml")[0]
-    code, out, err = run_cli(["submit", "sweeps/kornblith2019.yaml", "--dry-run", "--cluster", "xfer"], capsys)
+    assert yaml.safe_load(out) == load_docs(K8S / "jobs" / "kornblith2019-public.yaml")[0]
+    code, out, err = run_cli(["submit", "sweeps/kornblith2019-public.yaml", "--dry-run", "--cluster", "xfer"], capsys)
     assert code == 0, err
-    assert yaml.safe_load(out) == load_docs(K8S / "jobs" / "kornblith2019-on-cluster.yaml")[0]
+    assert yaml.safe_load(out) == load_docs(K8S / "jobs" / "kornblith2019-public-on-cluster.yaml")[0]
 
 
 def test_dry_run_renders_the_options_and_validates(capsys, caplog) -> None:
@@ -722,7 +722,7 @@ def test_dockerfile_structure() -> None:
     workdir = [v for k, v in instr if k == "WORKDIR"][-1]
     copies = [v.split()[-2:] for k, v in instr if k == "COPY"]
     assert ["sweeps", "./sweeps"] in copies and workdir == "/home/ray/xfer"
-    entry = k8s.render_rayjob(sweep="kornblith2019", spec_path="sweeps/kornblith2019.yaml")["spec"]["entrypoint"]
+    entry = k8s.render_rayjob(sweep="kornblith2019-public", spec_path="sweeps/kornblith2019-public.yaml")["spec"]["entrypoint"]
     assert (ROOT / entry.split()[2]).is_file()
     # xfer is installed from pyproject with extras that exist
     import tomllib
@@ -767,7 +767,7 @@ def test_dockerignore_keeps_the_context_to_what_is_copied() -> None:
     patterns = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
                 if ln.strip() and not ln.startswith("#")]
     for needed in ("pyproject.toml", "README.md", "xfer/k8s.py", "xfer/templates/rayjob.yaml",
-                   "sweeps/kornblith2019.yaml"):
+                   "sweeps/kornblith2019-public.yaml"):
         assert not _dockerignored(needed, patterns), needed
     for kept_out in (".venv/bin/python", ".git/config", "mlflow.db", "xfer-results/x", "data/cifar10/x",
                      "k8s/base/secret.example.yaml", "my-secrets.yaml", "xfer/__pycache__/k8s.pyc",

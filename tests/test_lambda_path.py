@@ -121,3 +121,24 @@ def test_unconverged_is_reported_honestly(five_class):
     x, y, _, _ = five_class
     fits = fit_logistic_path(x, y, [1e-4], num_classes=5, max_iter=2, precondition=False)
     assert not fits[0].converged and fits[0].grad_max > 1e-6 and fits[0].n_iter <= 2
+
+
+@pytest.mark.parametrize("rank", [4, None])
+def test_truncated_preconditioner_reaches_the_same_minimisers(five_class, path_and_cold, rank):
+    """The preconditioner keeps only the top eigen-directions on wide features (the rest share their mean
+    eigenvalue); it changes the iterations, never the answer: same objective per λ as independent fits."""
+    x, y, _, _ = five_class
+    _, cold = path_and_cold
+    path = fit_logistic_path(x, y, LAMS, num_classes=5, preconditioner_rank=rank)
+    for lam, p, c in zip(LAMS, path, cold):
+        assert p.converged and p.grad_max <= 1e-6, lam
+        assert p.objective == pytest.approx(c.objective, rel=1e-5), lam
+
+
+def test_a_float64_stall_is_tagged_stalled_not_converged(five_class):
+    x, y, _, _ = five_class
+    fits = fit_logistic_path(x, y, [1e-1, 1e-3], num_classes=5, tol=1e-18)
+    for f in fits:
+        assert f.n_iter < 1000 and f.grad_max > 1e-18
+        assert f.status == "stalled" and not f.converged
+    assert all(f.status == "converged" for f in fit_logistic_path(x, y, [1e-1, 1e-3], num_classes=5))

@@ -13,12 +13,12 @@ ROOT = Path(__file__).resolve().parents[1] / "xfer"
 # bottom-up; a module may import its own layer and the layers below it (never above, never in a loop)
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("xfer", "xfer.hashing", "xfer.registry", "xfer.io", "xfer.options", "xfer.layout",
-                    "xfer.trial", "xfer.contract", "xfer.timm_names", "xfer.plugins")),
+                    "xfer.trial", "xfer.contract", "xfer.timm_names", "xfer.plugins", "xfer.source_accuracy")),
     ("components", ("xfer.data", "xfer.metrics", "xfer.models")),
     ("training", ("xfer.engine", "xfer.logistic", "xfer.lambda_path", "xfer.features", "xfer.estimators")),
     ("regimes", ("xfer.regimes",)),
-    ("study", ("xfer.spec", "xfer.select", "xfer.stats", "xfer.report", "xfer.report_estimators", "xfer.tracking",
-               "xfer.progress", "xfer.k8s")),
+    ("study", ("xfer.spec", "xfer.select", "xfer.stats", "xfer.report", "xfer.report_curves",
+               "xfer.report_estimators", "xfer.tracking", "xfer.progress", "xfer.k8s")),
     ("orchestration", ("xfer.sweep", "xfer.final", "xfer.estimate")),
     ("interface", ("xfer.cli",)),
 ]

@@ -128,7 +128,8 @@ def test_regime_multilabel_reports_map11_from_one_vs_rest(monkeypatch, tmp_path)
     monkeypatch.setattr(features, "get_feature_sets", fake)
     res = run_trial(_tiny_trial(hparams={"l2": 1e-3}), RunContext.local(storage=tmp_path, data_root=tmp_path))
     assert res.status == "finished", res.message
-    assert res.metric == "map11" and set(res.metrics) == {"val_map11", "train_loss"}
+    assert res.metric == "map11" and set(res.metrics) == {"val_map11", "train_loss", "solver_converged"}
+    assert res.metrics["solver_converged"] == 1.0 and res.message == ""
     assert res.metrics["val_map11"] > 0.9  # linearly separable classes
     assert res.scores.shape == (80, c) and res.targets.shape == (80, c)
 
@@ -223,13 +224,41 @@ def test_run_trial_grid_and_final_on_synthetic_near(store):
     res = run_trial(grid, store)
     assert res.status == "finished", res.message
     metric = res.metric
-    assert set(res.metrics) == {f"val_{metric}", "train_loss"}
+    assert set(res.metrics) == {f"val_{metric}", "train_loss", "solver_converged"}
     assert 0.0 <= res.metrics[f"val_{metric}"] <= 1.0
     assert math.isfinite(res.metrics["train_loss"]) and res.steps_done > 0
 
     final = run_trial(_tiny_trial(hparams={"l2": 1e-2}, stage="final"), store)
     assert final.status == "finished", final.message
-    assert set(final.metrics) == {f"test_{metric}", "train_loss"}
+    assert set(final.metrics) == {f"test_{metric}", "train_loss", "solver_converged"}
     assert 0.0 <= final.metrics[f"test_{metric}"] <= 1.0
     x_te, y_te = features.get_features(grid.model, grid.dataset, "test", store)
     assert final.scores.shape[0] == len(y_te) and np.array_equal(final.targets, y_te.numpy())
+
+
+# ------------------------------------------------------------------ honest solver status
+def test_fit_status_rule():
+    from xfer.logistic import fit_status
+
+    assert fit_status(1e-7, 1e-6, budget_spent=True) == "converged"  # the gradient test decides
+    assert fit_status(1e-5, 1e-6, budget_spent=False) == "stalled"
+    assert fit_status(1e-5, 1e-6, budget_spent=True) == "budget"
+
+
+def test_a_stall_is_not_reported_as_converged(five_class):
+    x, y = five_class
+    # a tolerance float64 cannot reach: L-BFGS stops because the objective stops changing, not at a solution
+    fit = fit_logistic(torch.tensor(x), torch.tensor(y), 1e-3, num_classes=5, tol=1e-18)
+    assert fit.n_iter < 1000 and fit.grad_max > 1e-18
+    assert fit.status == "stalled" and not fit.converged
+    assert "stalled" in fit.note(1e-18)
+    ok = fit_logistic(torch.tensor(x), torch.tensor(y), 1e-3, num_classes=5)
+    assert ok.status == "converged" and ok.note(1e-6) == ""
+    short = fit_logistic(torch.tensor(x), torch.tensor(y), 1e-3, num_classes=5, max_iter=2)
+    assert short.status == "budget" and "budget" in short.note(1e-6)
+
+
+def test_regime_tags_a_stalled_fit(store):
+    res = run_trial(_tiny_trial(options={"tol": 1e-18}), store)
+    assert res.status == "finished"
+    assert res.metrics["solver_converged"] == 0.0 and "stalled" in res.message

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
-from xfer.metrics import METRICS, MetricInputError, compute_metric
+from xfer.metrics import IGNORE, METRICS, MetricInputError, compute_metric
 from xfer.registry import UnknownNameError
 
 
@@ -64,6 +64,41 @@ def test_map11_recall_exactly_on_a_threshold_counts():
     # AP = (4 + 7·10/17) / 11 = 138/187   (with t = 0.30000000000000004 it would be (3 + 8·10/17)/11)
     got = compute_metric("map11", scores[:, None], hits[:, None])
     assert got == pytest.approx(138 / 187)
+
+
+def test_map11_ignored_pairs_are_neither_hits_nor_false_positives():
+    """The VOC devkit's VOCevalcls: an image whose ground truth for a class is 0 (the class appears in it
+    only as "difficult") counts neither as a true nor as a false positive for that class."""
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
+    s = np.stack([scores, scores[::-1]], axis=1)
+    t = np.zeros((5, 2))
+    # class 0 ranked 0.9 … 0.5 with labels 1, ignore, 0, 1, 0: the devkit ranks only 1, 0, 1, 0
+    #   rank1 prec 1 rec .5 | rank2 prec 1/2 rec .5 | rank3 prec 2/3 rec 1 | rank4 1/2
+    #   t ≤ .5 → 1 (6 thresholds), t ≥ .6 → 2/3 (5): AP = (6 + 5·2/3) / 11 = 28/33
+    t[:, 0] = [1, IGNORE, 0, 1, 0]
+    # class 1 scores the rows in reverse and ignores nothing: row 1 stays in its ranking (per-class masks)
+    #   ranked rows 4, 3, 2, 1, 0 with labels 0, 0, 0, 1, 0 → precision 1/4 at recall 1 → AP = 1/4
+    t[1, 1] = 1
+    assert compute_metric("map11", s, t) == pytest.approx((28 / 33 + 1 / 4) / 2)
+    # had the ignored row counted as a hit: P = 3, precisions 1, 1, 2/3, 3/4 → (7·1 + 4·3/4) / 11 = 10/11;
+    # as a miss: 1, 1/2, 1/3, 1/2 at recalls .5, .5, .5, 1 → (6·1 + 5·1/2) / 11 = 17/22
+    for value, ap in ((1, 10 / 11), (0, 17 / 22)):
+        t[1, 0] = value
+        assert compute_metric("map11", s[:, :1], t[:, :1]) == pytest.approx(ap)
+
+
+def test_map11_ignoring_equals_dropping_the_rows():
+    rng = np.random.default_rng(5)
+    n, c = 60, 4
+    targets = (rng.random((n, c)) < 0.3).astype(float)
+    targets[0] = 1
+    hard = rng.random((n, c)) < 0.15
+    scores = rng.normal(size=(n, c)) + targets
+    marked = np.where(hard & (targets == 0), IGNORE, targets)
+    per_class = [float(_brute_force_ap11(scores[~(marked[:, j] == IGNORE), j], targets[~(marked[:, j] == IGNORE), j]))
+                 for j in range(c)]
+    assert compute_metric("map11", scores, marked) == pytest.approx(np.mean(per_class), abs=1e-12)
+    assert compute_metric("map11", scores, marked) != pytest.approx(compute_metric("map11", scores, targets))
 
 
 # ------------------------------------------------------------------ against references
@@ -141,6 +176,8 @@ def test_unknown_metric_lists_valid_names():
     ("map11", np.zeros((3, 2)), np.zeros((3, 3)), "shape"),
     ("map11", np.zeros((3, 2)), np.zeros((3, 2)), "no class has a positive"),
     ("map11", np.zeros((2, 2)), np.array([[0, 2], [1, 0]]), "multi-hot"),
+    ("map11", np.zeros((2, 2)), np.array([[0, -1], [1, 0]]), "0, 1 or 0.5"),
+    ("map11", np.zeros((2, 2)), np.array([[IGNORE, 0], [IGNORE, 0]]), "no class has a positive"),
 ])
 def test_bad_inputs_say_what_is_expected(name, scores, targets, match):
     with pytest.raises(MetricInputError, match=match):

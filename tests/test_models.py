@@ -198,6 +198,35 @@ def test_incomplete_pretrain_checkpoint_counts_as_missing(ctx):
     assert source_top1(spec, ctx) is None
 
 
+# ------------------------------------------------------------------ one rule for new heads
+HEAD_ARCHS = ["test_resnet", "test_convnext", "test_vit", "test_efficientnet", "mobilenetv2_050", "densenet121"]
+
+
+@pytest.mark.parametrize("arch", HEAD_ARCHS)
+def test_every_new_head_starts_at_zero(ctx, tmp_path, arch):
+    """timm initialises heads per architecture (trunc-normal 0.02, normal 0.01, kaiming…); xfer overrides
+    all of them with one rule, for random and loaded bodies alike."""
+    size = 32 if arch.startswith("test_") else 64
+    assert models.HEAD_INIT == "zeros"
+    timm_head = timm.create_model(arch, num_classes=7).get_classifier()
+    assert float(timm_head.weight.detach().abs().max()) > 0  # what the rule replaces
+    path, _ = _saved_state(tmp_path, arch=arch, num_classes=7)  # same size: the head is still new
+    for spec in (ModelSpec(name="m", arch=arch, weights="random", input_size=size),
+                 ModelSpec(name="m", arch=arch, weights="file", weights_file=str(path), input_size=size)):
+        model = load_backbone(spec, num_classes=7, ctx=ctx, seed=3).model
+        head = model.get_classifier()
+        assert head.weight.shape[0] == 7
+        assert all(float(p.detach().abs().max()) == 0.0 for p in head.parameters()), (arch, spec.weights)
+        body = [p for n, p in model.named_parameters() if not any(p is q for q in head.parameters())]
+        assert any(float(p.detach().abs().max()) > 0 for p in body)  # only the head is zeroed
+        model.eval()
+        with torch.no_grad():
+            logits = model(torch.randn(2, 3, size, size))
+        assert torch.equal(logits, torch.zeros(2, 7))  # uniform predictions at the start, for every architecture
+    assert models.init_new_head(load_backbone(ModelSpec(name="m", arch=arch, weights="random", input_size=size),
+                                              num_classes=0).model) == 0  # no head, nothing to do
+
+
 # ------------------------------------------------------------------ source accuracy
 PAPER_MODELS = {"Inception v1", "BN-Inception", "Inception v2", "Inception v3", "Inception v4",
                 "Inception-ResNet v2", "ResNet-50", "ResNet-101", "ResNet-152", "DenseNet-121", "DenseNet-169",
@@ -214,6 +243,19 @@ def test_table_covers_the_paper_models_with_timm_tags():
         assert r["source"] in ("results-imagenet.csv", "README.md")
     stand_ins = {r["paper_model"] for r in rows if r["stand_in"]}
     assert stand_ins == {"Inception v1", "BN-Inception", "Inception v2", "NASNet-A Mobile"}
+
+
+def test_each_figure_is_at_the_size_the_weights_run_at():
+    """A figure on the x-axis must be at the resolution the study feeds the network (timm's pretrained
+    input size, unless an entry overrides it)."""
+    from xfer.source_accuracy import run_input_size
+
+    for r in source_table():
+        cfg = timm.models.get_pretrained_cfg(r["arch"])
+        assert r["input_size"] == cfg.input_size[-1], r
+        assert run_input_size(ModelSpec(name="m", arch=r["arch"])) == r["input_size"]
+    mobilenet = next(r for r in source_table() if r["paper_model"] == "MobileNet v1")
+    assert (mobilenet["input_size"], mobilenet["top1"]) == (224, pytest.approx(0.75382))  # not the 256 px figure
 
 
 def test_published_top1_resolves_tags():

@@ -176,3 +176,88 @@ def test_validate_results_accepts_optional_columns_and_n_test():
     table = hand_table().assign(n_test=1000, lr=0.01, run_id="r")
     out = rep.validate_results(table)
     assert list(out.columns) == list(table.columns)
+
+
+# ------------------------------------------------------------------ the public-checkpoint sweep, stand-ins in the open
+def public_sweep_table() -> pd.DataFrame:
+    """A hand-made results table shaped like sweeps/kornblith2019-public.yaml's (16 entries, its model
+    facts, 4 datasets, 3 regimes); scratch rows of entries that share a random-init trial share a run_id."""
+    from pathlib import Path
+
+    from xfer.models import source_top1
+    from xfer.source_accuracy import model_facts
+    from xfer.spec import load_spec
+
+    spec = load_spec(Path(__file__).parents[1] / "sweeps" / "kornblith2019-public.yaml")
+    scratch_key = {t.model.name: t.key for t in spec.grid_trials() if t.regime == "scratch" and t.dataset.name == "cifar10"}
+    rng = np.random.default_rng(5)
+    rows = []
+    for r, slope in [("finetune", 12.0), ("linear_probe", 16.0), ("scratch", 3.0)]:
+        for m in spec.models:
+            src, facts = source_top1(m), model_facts(m)
+            for j, d in enumerate(["cifar10", "dtd", "flowers102", "oxford_pets"]):
+                lo = 0.4 * j + slope * (src - 0.77) + rng.normal(0, 0.05)
+                if facts["stand_in"] and r != "scratch":
+                    lo -= 0.6  # stand-ins transfer worse than their ImageNet accuracy says
+                if r == "scratch":  # one run per architecture + preprocessing: shared entries get one value
+                    lo = 0.4 * j + 0.1 * (int(scratch_key[m.name], 16) % 7)
+                run = f"{r}-{scratch_key[m.name] if r == 'scratch' else m.name}-{d}"
+                rows.append({"model": m.name, "dataset": d, "regime": r, "source_top1": src, "metric": "top1",
+                             "value": round(1 / (1 + math.exp(-lo)), 4), "run_id": run, **facts,
+                             "solver_converged": 1.0 if r == "linear_probe" else math.nan})
+    return pd.DataFrame(rows)
+
+
+def test_public_sweep_report_flags_stand_ins_and_gives_both_r(tmp_path):
+    table = public_sweep_table()
+    table.loc[table.model == "mobilenet_v1", "input_size"] = 192  # run below the figure's 224 px
+    table.loc[(table.model == "resnet50") & (table.regime == "linear_probe") & (table.dataset == "dtd"),
+              "solver_converged"] = 0.0
+    path = tmp_path / "public.csv"
+    table.to_csv(path, index=False)  # the --from-csv path: booleans and sizes come back as text/numbers
+    res = build_report(read_results_csv(path), tmp_path / "out", n_boot=200)
+
+    head = json.loads(res["headline_json"].read_text())
+    subs = ["bn_inception", "inception_v1", "nasnet_mobile"]
+    for regime in ("finetune", "linear_probe", "scratch"):
+        h = head[regime]
+        assert sorted(h["stand_ins"]) == subs and "without_stand_ins" in h
+        assert sorted(h["without_stand_ins"]["models"]) == sorted(set(h["models"]) - set(subs))
+    ft = head["finetune"]
+    assert ft["n_models"] == ft["n_entries"] == 16 and ft["without_stand_ins"]["n_models"] == 13
+    # both r are what they say: recomputed here from the table
+    tf = table[table.regime == "finetune"].assign(lo=lambda d: np.log(d.value / (1 - d.value)))
+    per = tf.groupby("model").agg(src=("source_top1", "first"), lo=("lo", "mean"))
+    keep = per.drop(index=subs)
+    assert ft["r"] == pytest.approx(np.corrcoef(per.src, per.lo)[0, 1], abs=2e-3)
+    assert ft["without_stand_ins"]["r"] == pytest.approx(np.corrcoef(keep.src, keep.lo)[0, 1], abs=2e-3)
+    assert ft["without_stand_ins"]["r"] > ft["r"] + 0.05  # the stand-ins pull r down here
+    # random init: three entries are one trial, one point
+    sc = head["scratch"]
+    assert sc["shared"] == {"inception_v1 = bn_inception = inception_v3": ["inception_v1", "bn_inception", "inception_v3"]}
+    assert sc["n_models"] == 14 and sc["n_entries"] == 16
+
+    md = res["report_md"].read_text()
+    assert "| finetune | all |" in md and "| finetune | without stand-ins |" in md
+    assert "Stand-ins (3): bn_inception runs other weights under the name BN-Inception" in md
+    assert "inception_v1 runs other weights under the name Inception v1" in md
+    assert "Shared results (counted once): scratch: inception_v1 = bn_inception = inception_v3" in md
+    assert "mobilenet_v1: source top-1 measured at 224 px, transfer run at 192 px" in md
+    assert "1 of 64 final fits did not converge (stalled or out of iterations): resnet50 / dtd / linear_probe" in md
+    assert "| inception_v1 * |" in md  # marked in the per-model table
+    models_rows = [ln for ln in md.splitlines() if ln.startswith("| nasnet_mobile | NASNet-A Mobile | yes |")]
+    assert len(models_rows) == 1
+    assert any("without stand-ins r = " in line for line in res.summary_lines())
+    out = pd.read_csv(res["results_csv"])
+    assert {"paper_name", "stand_in", "input_size", "source_input_size"} <= set(out.columns)
+    assert sorted(out.loc[out.stand_in, "model"].unique()) == subs
+
+
+def test_per_model_columns_must_agree_and_parse(tmp_path):
+    table = public_sweep_table()
+    bad = table.copy()
+    bad.loc[bad.index[0], "paper_name"] = "Something else"
+    with pytest.raises(ResultsTableError, match="'paper_name' differs across rows of model 'inception_v1'"):
+        rep.validate_results(bad)
+    with pytest.raises(ResultsTableError, match="'stand_in' must be true or false"):
+        rep.validate_results(table.assign(stand_in="maybe"))

@@ -318,3 +318,27 @@ def test_cells_sharing_a_trial_each_get_the_selection_and_the_final_run():
     assert sel["trial_key"].nunique() == 1
     finals = final_trials(sel, trials)
     assert [f.model.name for f in finals] == ["hub-a", "file-b"] and len({f.key for f in finals}) == 1
+
+
+def test_model_facts_and_solver_status_reach_the_results_table():
+    from dataclasses import replace as _replace
+
+    from xfer.trial import DatasetRef, ModelSpec
+
+    stand = ModelSpec(name="v1", arch="inception_v3.tv_in1k", paper_name="Inception v1", input_size=256)
+    real = ModelSpec(name="r50", arch="resnet50.tv_in1k", paper_name="ResNet-50")
+    trials = [TrialSpec(model=m, dataset=DatasetRef("digits"), regime="linear_probe", hparams={"l2": l2},
+                        options={}) for m in (stand, real) for l2 in (0.1, 1.0)]
+    runs = runs_for(trials, hp_val).assign(solver_converged=[1.0, 0.0, 1.0, 1.0])
+    sel = select_best(runs, trials=trials)
+    by = sel.set_index("model")
+    assert bool(by.loc["v1", "stand_in"]) and not bool(by.loc["r50", "stand_in"])  # from the shipped table
+    assert (by.loc["v1", "input_size"], by.loc["v1", "source_input_size"]) == (256, 299)
+    assert (by.loc["r50", "input_size"], by.loc["r50", "source_input_size"]) == (224, 224)
+    assert by.loc["v1", "n_unconverged"] == 1 and by.loc["r50", "n_unconverged"] == 0
+    finals = [_replace(t, stage="final") for t in final_trials(sel, trials)]
+    fr = runs_for(finals, lambda t: math.nan, stage="final", test_fn=lambda t: 0.8).assign(solver_converged=[0.0, 1.0])
+    res = results_table(fr, sel).set_index("model")
+    assert res.loc["v1", "paper_name"] == "Inception v1" and bool(res.loc["v1", "stand_in"])
+    assert res.loc["v1", "solver_converged"] == 0.0 and res.loc["v1", "n_grid_unconverged"] == 1
+    assert res.loc["r50", "solver_converged"] == 1.0

@@ -5,6 +5,7 @@ import copy
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,12 @@ MALFORMED = [  # (changes, substrings the error must contain)
     (dict(regimes__finetuen={"grid": {"lr": [0.1], "wd": [0]}}), ["spec.regimes.finetuen", "unknown regime", "finetune"]),
     (dict(regimes__pretrain={"grid": {}}), ["spec.regimes.pretrain", "weights: pretrain"]),
     (dict(seeds="0"), ["spec.seeds", "list of integers"]),
-    (dict(resources={"finetune": {"gpus": 1}}), ["spec.resources.finetune.gpus", "valid keys: cpu, gpu"]),
+    (dict(regimes__finetune__trials_per_task=0), ["spec.regimes.finetune.trials_per_task", "integer >= 1"]),
+    (dict(resources={"finetune": {"gpus": 1}}), ["spec.resources.finetune.gpus", "valid keys: cpu, gpu, models"]),
+    (dict(resources={"finetune": {"gpu": 1, "models": {"zz": {"gpu": 0.5}}}}),
+     ["spec.resources.finetune.models.zz", "not a model of this sweep", "a"]),
+    (dict(resources={"finetune": {"models": {"a": {"gpu": 2.5}}}}), ["spec.resources.finetune.models.a.gpu", "fractions"]),
+    (dict(resources={"finetune": {"models": {"a": {"memory": 2}}}}), ["spec.resources.finetune.models.a.memory", "cpu, gpu"]),
     (dict(resources={"finetune": {"gpu": 1.5}}), ["spec.resources.finetune.gpu", "fractions"]),
     (dict(search={"type": "random"}), ["spec.search.type", "grid, optuna"]),
     (dict(models=[BASE["models"][0], BASE["models"][0]]), ["spec.models", "unique", "a"]),
@@ -91,6 +97,25 @@ def test_not_a_mapping_and_bad_yaml(tmp_path):
         load_spec(lst)
     with pytest.raises(SpecError, match="no such sweep file"):
         load_spec(tmp_path / "missing.yaml")
+
+
+def test_trials_per_task_changes_no_key():
+    plain = parse_spec(spec_with())
+    packed = parse_spec(spec_with(regimes__finetune__trials_per_task=4))
+    assert packed.trials_per_task["finetune"] == 4 and plain.trials_per_task["finetune"] == 1
+    assert [t.key for t in packed.grid_trials()] == [t.key for t in plain.grid_trials()]
+
+
+def test_small_models_pack_onto_a_gpu():
+    """resources.<regime>.models gives one model's trials their own share: four MobileNet-size fine-tunes
+    on one GPU while the others take a whole one; features and probes follow the same rule."""
+    spec = parse_spec(spec_with(resources={"finetune": {"cpu": 4, "gpu": 1, "models": {"a": {"gpu": 0.25, "cpu": 2}}},
+                                           "linear_probe": {"gpu": 0.5}}))
+    assert spec.resources_for("finetune", "a") == {"cpu": 2.0, "gpu": 0.25}
+    assert spec.resources_for("finetune", "other") == {"cpu": 4.0, "gpu": 1.0}
+    assert spec.resources_for("finetune") == {"cpu": 4.0, "gpu": 1.0}
+    assert spec.resources_for("linear_probe", "a") == {"cpu": 1.0, "gpu": 0.5}
+    assert spec.resources_for("scratch", "a") == {"cpu": 1.0, "gpu": 0.0}
 
 
 def test_logspace_and_mixed_lists():
@@ -170,7 +195,7 @@ def test_trial_roundtrip_through_ray_config():
 
 
 def test_paper_spec_has_the_paper_counts():
-    p = plan(load_spec(ROOT / "sweeps" / "kornblith2019.yaml"))
+    p = plan(load_spec(ROOT / "sweeps" / "kornblith2019-public.yaml"))
     assert p["models"] == 16 and p["datasets"] == 12
     assert p["per_cell_by_regime"] == {"linear_probe": 45, "finetune": 56, "scratch": 56}
     assert p["total"] == 16 * 12 * (45 + 56 + 56)
@@ -182,7 +207,7 @@ def _xfer(*args, cwd=ROOT):
 
 
 def test_cli_plan_json_and_bad_spec_exit_cleanly(tmp_path):
-    r = _xfer("plan", "sweeps/kornblith2019.yaml", "--json")
+    r = _xfer("plan", "sweeps/kornblith2019-public.yaml", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["total"] == 30144
     bad = tmp_path / "bad.yaml"
@@ -204,10 +229,24 @@ def test_yaml_exponent_strings_are_numbers():
         parse_spec(raw)
 
 
-# keys the previous release computed for sweeps/quickstart.yaml: a finished study must be reused
-PREVIOUS_KEYS = {("resnet-long", "synthetic_near", "linear_probe"): "2c5fdbef1f64bf5f",
-                 ("resnet-long", "synthetic_near", "finetune"): "4a225e0634f5069c"}
-PREVIOUS_PRETRAIN_KEYS = ["a3d66d98278216a8", "87ceb39a898a3db0", "8b93d6f9acd84181", "cf21025231ee0adf"]
+# keys of sweeps/quickstart.yaml: a finished study must be reused. They changed once, on purpose, when
+# every new head became zero-initialised (trial.HEAD_INIT): the pretrain checkpoints are other weights
+# now, and so is everything transferred from them (previously 2c5fdbef1f64bf5f, 4a225e0634f5069c, and
+# pretrain a3d66d98278216a8 87ceb39a898a3db0 8b93d6f9acd84181 cf21025231ee0adf).
+PREVIOUS_KEYS = {("resnet-long", "synthetic_near", "linear_probe"): "c065842f0823162a",
+                 ("resnet-long", "synthetic_near", "finetune"): "57ef5f087bd6e7e1"}
+PREVIOUS_PRETRAIN_KEYS = ["103355ba81181924", "cc8b8cb647326a42", "afe693ad797094d3", "5b2c30ac24acb133"]
+
+
+def test_only_regimes_that_train_a_head_hash_the_head_rule():
+    """A probe on hub weights trains no head: its keys did not change with the head rule."""
+    spec = parse_spec(spec_with(models__0={"name": "r", "arch": "resnet50.tv_in1k"}))
+    by_regime = {t.regime: t for t in spec.grid_trials()}
+    lp, ft = by_regime["linear_probe"], by_regime["finetune"]
+    assert lp.key_rule.head_init is None and ft.key_rule.head_init == "zeros"
+    other = lambda t: replace(t, key_rule=replace(t.key_rule, head_init="timm-default"))  # noqa: E731
+    assert other(ft).key != ft.key
+    assert replace(lp, key_rule=replace(lp.key_rule, head_init=None)).key == lp.key
 
 
 def test_quickstart_keys_of_finished_regimes_are_unchanged():
@@ -251,7 +290,7 @@ def test_sweep_names_never_leave_the_storage_root(name):
         parse_spec(spec_with(name=name))
 
 
-@pytest.mark.parametrize("name", ["quickstart.yaml", "kornblith2019.yaml"])
+@pytest.mark.parametrize("name", ["quickstart.yaml", "kornblith2019-public.yaml"])
 def test_plan_counts_equal_the_enumerated_grid(name):
     """`xfer plan` counts without hashing every key; the counts must be the grid's."""
     from xfer.spec import load_spec
@@ -264,3 +303,33 @@ def test_plan_counts_equal_the_enumerated_grid(name):
     assert p["total"] == len(trials) and p["distinct"] == len({t.key for t in trials})
     assert p["distinct_by_regime"] == {r: len(k) for r, k in keys.items()}
     assert sum(p["by_model_dataset"].values()) == len(trials)
+
+
+# ------------------------------------------------------------------ stand-ins
+@pytest.mark.parametrize("entry,match", [
+    ({"stand_in": "yes"}, r"models\[0\]\.stand_in: true or false"),
+    ({"stand_in": True}, r"models\[0\]\.stand_in: a stand-in needs paper_name"),
+])
+def test_stand_in_is_validated(entry, match):
+    raw = copy.deepcopy(BASE)
+    raw["models"][0].update(entry)
+    with pytest.raises(SpecError, match=match):
+        parse_spec(raw)
+
+
+def test_public_sweep_declares_its_stand_ins_and_shares_random_init():
+    from xfer.source_accuracy import is_stand_in, model_facts
+
+    spec = load_spec(ROOT / "sweeps" / "kornblith2019-public.yaml")
+    assert spec.name == "kornblith2019-public"
+    declared = {m.name for m in spec.models if m.stand_in}
+    assert declared == {"inception_v1", "bn_inception", "nasnet_mobile"}
+    # the shipped table agrees with what the file declares
+    assert all(is_stand_in(replace(m, stand_in=None)) == (m.name in declared) for m in spec.models)
+    assert all(model_facts(m)["input_size"] == model_facts(m)["source_input_size"] for m in spec.models)
+    scratch = {}
+    for t in spec.grid_trials():
+        if t.regime == "scratch" and t.dataset.name == "cifar10":
+            scratch.setdefault(t.key, set()).add(t.model.name)
+    shared = [names for names in scratch.values() if len(names) > 1]
+    assert {"inception_v1", "bn_inception", "inception_v3"} in shared

@@ -325,3 +325,49 @@ def test_bootstrap_ignores_resamples_of_two_distinct_points():
     assert not np.any(np.isclose(np.abs(finite), 1.0))
     c = stats.correlate(x, y, n_boot=4000, seed=0)
     assert -1.0 < c.ci_low < c.r < c.ci_high < 1.0
+
+
+# ------------------------------------------------------------------ shared results and stand-ins
+def _shared_table():
+    """Five models; s1, s2 and s3 share one scratch run per dataset (same architecture and preprocessing),
+    s1 and s2 are stand-ins."""
+    source = {"a": 0.70, "b": 0.74, "s1": 0.77, "s2": 0.776, "s3": 0.779}
+    rows = []
+    for d in ["x", "y", "z"]:
+        for m, src in source.items():
+            shared = m.startswith("s")
+            value = 0.61 + 0.01 * "xyz".index(d) if shared else 0.3 + 0.4 * (src - 0.7) + 0.02 * "xyz".index(d)
+            rows.append({"model": m, "dataset": d, "regime": "scratch", "source_top1": src, "metric": "top1",
+                         "value": value, "run_id": f"run-s-{d}" if shared else f"run-{m}-{d}",
+                         "stand_in": m in ("s1", "s2")})
+    return pd.DataFrame(rows), source
+
+
+def test_shared_groups_follow_run_ids():
+    res, _ = _shared_table()
+    assert stats.shared_groups(res, "scratch") == [["a"], ["b"], ["s1", "s2", "s3"]]
+    assert stats.shared_groups(res.drop(columns="run_id"), "scratch") == [["a"], ["b"], ["s1"], ["s2"], ["s3"]]
+    assert stats.stand_ins(res) == ["s1", "s2"]
+    assert stats.stand_ins(res.assign(stand_in=["true" if m == "a" else "" for m in res.model])) == ["a"]
+
+
+def test_a_shared_result_is_one_point_and_stand_ins_get_their_own_r():
+    res, source = _shared_table()
+    h = stats.headline(res, n_boot=0)["scratch"]
+    assert h["n_models"] == 3 and h["n_entries"] == 5
+    assert h["shared"] == {"s1 = s2 = s3": ["s1", "s2", "s3"]}
+    point = h["points"]["s1 = s2 = s3"]
+    assert point["source_top1"] == pytest.approx(np.mean([0.77, 0.776, 0.779]))
+    mean = {m: np.mean([stats.logit(v) for v in res[res.model == m]["value"]]) for m in source}
+    x = [source["a"], source["b"], point["source_top1"]]
+    assert h["r"] == pytest.approx(np.corrcoef(x, [mean["a"], mean["b"], mean["s3"]])[0, 1])
+    # counted five times (the old behaviour) the shared run would weigh three times as much: a different r
+    five = np.corrcoef(list(source.values()), [mean[m] for m in source])[0, 1]
+    assert abs(five - h["r"]) > 1e-3
+    assert h["stand_ins"] == ["s1", "s2"]
+    w = h["without_stand_ins"]
+    assert w["models"] == ["a", "b", "s3"] and w["shared"] == {} and w["n_models"] == 3
+    assert w["r"] == pytest.approx(np.corrcoef([0.70, 0.74, 0.779], [mean["a"], mean["b"], mean["s3"]])[0, 1])
+    assert "without_stand_ins" not in stats.headline(res.drop(columns="stand_in"), n_boot=0)["scratch"]
+    pdc = stats.per_dataset_correlations(res, n_boot=0).set_index("dataset")
+    assert (pdc["n_models"] == 3).all() and (pdc["n_without_stand_ins"] == 3).all()

@@ -181,3 +181,19 @@ def test_optuna_search_samples_grid_points_per_cell(tmp_path, ray_local):
     assert set(values) <= {1e-4, 1e-3, 1e-2, 1e-1, 1.0}
     assert len({r.data.tags["xfer.trial_key"] for r in children}) == len(children)
     assert "optuna, 3 per cell" in out.getvalue()
+
+
+def test_trial_placement_follows_per_model_resources():
+    """What Ray is asked for: the model's own GPU share under resources.<regime>.models (packing), the
+    regime's otherwise — for one trial and for a batch (a cell's λ path) alike."""
+    from xfer.spec import parse_spec
+    from xfer.sweep import _resources, trial_configs
+
+    spec = parse_spec({"name": "p", "datasets": ["digits"],
+                       "models": [{"name": n, "arch": "test_resnet", "weights": "random", "input_size": 32}
+                                  for n in ("small", "big")],
+                       "regimes": {"linear_probe": {"grid": {"l2": [1e-3, 1e-1]}}},
+                       "resources": {"linear_probe": {"cpu": 2, "gpu": 1, "models": {"small": {"gpu": 0.25}}}}})
+    place = _resources(spec)
+    bundles = {c["model"]["name"]: place({"trial": c}).bundles for c in trial_configs(spec.grid_trials())}
+    assert bundles == {"small": [{"CPU": 2.0, "GPU": 0.25}], "big": [{"CPU": 2.0, "GPU": 1.0}]}

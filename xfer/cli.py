@@ -119,13 +119,15 @@ def trial_from_args(args: argparse.Namespace):
             raise UsageError(f"--{name.replace('_', '-')} does not apply to regime {args.regime!r}; its "
                              f"hyper-parameters: {flags}")
     hparams: dict[str, float] = {}
-    for axis in regime.axis_names:
-        if axis not in given:
-            raise UsageError(f"--{axis.replace('_', '-')} is required for regime {args.regime!r} "
+    for a in regime.axes:
+        if a.name not in given and a.default is None:
+            raise UsageError(f"--{a.name.replace('_', '-')} is required for regime {args.regime!r} "
                              f"(its hyper-parameters: {flags})")
-        hparams[axis] = float(given.pop(axis))
+        if a.name in given:  # a cell axis left out runs its default (and keys as a trial without it)
+            hparams[a.name] = float(given.pop(a.name))
     try:
-        hparams = {a.name: a.check(hparams[a.name], f"--{a.name.replace('_', '-')}") for a in regime.axes}
+        hparams = {a.name: a.check(hparams[a.name], f"--{a.name.replace('_', '-')}") for a in regime.axes
+                   if a.name in hparams}
         options = regime.check_options({**given, **_parse_kv(args.option, "--option")},
                                        f"regime {args.regime} option")
     except OptionError as e:
@@ -185,12 +187,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_datasets(args: argparse.Namespace) -> int:
     from xfer.data import DATASETS
 
-    print(f"{'name':<18} {'classes':>7}  {'metric':<15} {'validation':<12} {'offline':<7} options")
+    def size(n: int | None) -> str:
+        return "—" if n is None else f"{n:,}"
+
+    print(f"{'name':<16} {'classes':>7}  {'metric':<15} {'validation':<12} {'offline':<7} {'train+val':>9} "
+          f"{'val':>6} {'test':>7}  options")
     for name in DATASETS.names():
         e = DATASETS.get(name)
-        i = e.info
+        i, paper = e.info, e.paper
+        val = size(paper.val) if paper and paper.val else (
+            f"{e.options['val_fraction']:.0%}" if paper and "val_fraction" in e.options else "—")
         opts = ", ".join(sorted(e.options))
-        print(f"{name:<18} {i.num_classes:>7}  {i.metric:<15} {i.val_rule:<12} {'yes' if i.offline else 'no':<7} {opts}")
+        print(f"{name:<16} {i.num_classes:>7}  {i.metric:<15} {i.val_rule:<12} {'yes' if i.offline else 'no':<7} "
+              f"{size(paper.trainval if paper else None):>9} {val:>6} {size(paper.test if paper else None):>7}  "
+              f"{opts}")
+    print("train+val / val / test: the published sizes (Kornblith et al. 2019, Table A1); val is the official "
+          "split, or the share of train+val held out. A build at the default options warns when the files on "
+          "disk give other sizes.")
     return 0
 
 

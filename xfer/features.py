@@ -7,9 +7,11 @@ penultimate activations of the network in eval mode (BatchNorm uses its running 
 centre-cropped, normalised images without augmentation (``eval_transform`` of the backbone's data
 config), computed under ``torch.no_grad`` (bf16 autocast on CUDA, float32 on CPU), stored as float32.
 
-Key = stable hash of (backbone fingerprint, dataset fingerprint, split, data config, feature protocol):
-anything that changes the numbers changes the key, and nothing else does (batch size, device, where
-the data lives). A file ``<storage>/features/<key>.pt`` holds ``features`` [N, D] float32, ``targets``
+Key = stable hash of (backbone fingerprint, dataset fingerprint, split, data config, the precision the
+forward pass ran in and the dtype stored, feature protocol): anything that changes the numbers changes
+the key, and nothing else does (batch size, where the data lives). Precision is part of it because bf16
+autocast on a GPU and float32 on a CPU give different features for the same network and images: a
+store shared by GPU and CPU workers must not hand one's features to the other. A file ``<storage>/features/<key>.pt`` holds ``features`` [N, D] float32, ``targets``
 ([N] int64 class ids, or [N, C] float32 multi-hot) and ``meta`` (what it was made from). It is written
 to a temporary name and moved into place with ``os.replace``, so a file under its key is always
 complete: a crash leaves at most a stray ``.tmp`` file, and two workers racing on one key both write
@@ -41,6 +43,13 @@ log = logging.getLogger(__name__)
 
 # bump when what a feature *is* changes (layer, pooling, transform, precision policy): old keys go stale
 FEATURE_PROTOCOL = "1"
+STORED_DTYPE = torch.float32  # what the store keeps, whatever the forward pass computed in
+
+
+def precision_for(device: str) -> str:
+    """The forward pass's precision on ``device``: bf16 autocast on CUDA, float32 elsewhere (the policy
+    ``extract_features`` applies; part of every feature key)."""
+    return "bf16-autocast" if torch.device(device).type == "cuda" else "float32"
 
 
 class FeatureStoreError(ValueError):
@@ -67,6 +76,7 @@ class _Identity:
     backbone: str  # Backbone.fingerprint
     dataset: str  # TransferDataset.fingerprint()
     data_config: dict[str, Any]
+    precision: str = "float32"  # precision_for(device) of the forward pass
 
 
 # Fingerprints need the backbone / the dataset built. A sweep asks for the keys of every λ-trial × split,
@@ -97,7 +107,8 @@ def _check_split(split: str) -> None:
 
 def _key(identity: _Identity, split: str) -> str:
     return stable_hash({"backbone": identity.backbone, "dataset": identity.dataset, "split": split,
-                        "data_config": identity.data_config, "protocol": FEATURE_PROTOCOL}, n=24)
+                        "data_config": identity.data_config, "precision": identity.precision,
+                        "dtype": str(STORED_DTYPE).removeprefix("torch."), "protocol": FEATURE_PROTOCOL}, n=24)
 
 
 def _config_dict(cfg: "DataConfig") -> dict[str, Any]:
@@ -141,7 +152,8 @@ class _Built:
         if d is None:
             self.get_dataset()
             d = _DATASET_IDS[_dataset_memo(self.ref, self.ctx)]
-        return _Identity(backbone=b[0], dataset=d, data_config=b[1])
+        return _Identity(backbone=b[0], dataset=d, data_config=b[1],
+                         precision=precision_for(self.ctx.resolved_device()))
 
 
 def feature_key(model: "ModelSpec", ref: "DatasetRef", split: str, ctx: RunContext) -> str:
@@ -179,7 +191,7 @@ def extract_features(model: torch.nn.Module, split: Dataset, cfg: "DataConfig", 
                     raise FeatureStoreError(
                         f"the backbone returned features of shape {tuple(out.shape)}; expected globally pooled "
                         "[batch, num_features] (build it with num_classes=0 and global pooling)")
-                feats.append(out.float().cpu())
+                feats.append(out.to(STORED_DTYPE).cpu())
                 targets.append(t)
     finally:
         model.train(was_training)
@@ -240,7 +252,7 @@ def _compute(built: _Built, splits: Sequence[str], batch_size: int) -> dict[str,
             "dataset_fingerprint": identity.dataset, "data_config": identity.data_config,
             "num_classes": int(info.num_classes), "multilabel": bool(info.multilabel), "metric": info.metric,
             "n": int(x.shape[0]), "dim": int(x.shape[1]), "protocol": FEATURE_PROTOCOL,
-            "precision": "bf16-autocast" if torch.device(device).type == "cuda" else "float32",
+            "precision": identity.precision, "dtype": str(STORED_DTYPE).removeprefix("torch."),
             "device": device, "seconds": round(time.perf_counter() - t0, 3), "created": time.time(),
             "versions": {"xfer": str(__version__), "torch": str(torch.__version__), "timm": str(timm.__version__)},
         }

@@ -67,6 +67,17 @@ def estimates_from_mlflow(uri: str, experiment: str) -> tuple[pd.DataFrame | Non
     return est, {str(k): float(v) for k, v in grid.groupby("regime")["seconds"].sum().items()}
 
 
+def _curves(uri: str, results: pd.DataFrame) -> dict[str, Any]:
+    """Validation curves of the grid runs selection chose (the report's convergence view)."""
+    wanted = {row.grid_run_id: f"val_{row.metric}" for row in results.itertuples(index=False)
+              if isinstance(getattr(row, "grid_run_id", None), str) and isinstance(row.metric, str) and row.metric}
+    try:
+        return tracking.load_curves(uri, wanted)
+    except Exception as e:  # noqa: BLE001 - the convergence view is left out, with a note
+        log.warning("no validation curves for the report: %s", e)
+        return {}
+
+
 def build(results: pd.DataFrame, out_dir: Path, *, uri: str | None, title: str,
           stream: IO[str] | None = None, experiment: str | None = None) -> dict[str, Any]:
     from xfer import report
@@ -74,7 +85,8 @@ def build(results: pd.DataFrame, out_dir: Path, *, uri: str | None, title: str,
     out = stream or sys.stdout
     preds = _predictions(uri, results) if uri else None
     est, grid_seconds = estimates_from_mlflow(uri, experiment) if uri and experiment else (None, None)
-    made = report.build_report(results, out_dir, predictions=preds, title=title, estimates=est,
+    made = report.build_report(results, out_dir, predictions=preds, title=title,
+                               curves=_curves(uri, results) if uri else None, estimates=est,
                                grid_seconds=grid_seconds)
     for line in made.summary_lines():
         print(f"headline {line}", file=out)

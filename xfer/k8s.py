@@ -36,7 +36,7 @@ DEFAULT_NAMESPACE = "xfer"
 DEFAULT_IMAGE = f"xfer:{__version__}"
 DEFAULT_TRACKING_URI = "http://xfer-mlflow:5000"
 DEFAULT_CLUSTER_NAME = "xfer"
-DEFAULT_SPEC = "sweeps/kornblith2019.yaml"
+DEFAULT_SPEC = "sweeps/kornblith2019-public.yaml"
 SHARED_MOUNT = "/mnt/shared"  # where raycluster.yaml mounts the ReadWriteMany claim on every pod
 CLUSTER_LABEL = "ray.io/cluster"  # KubeRay's clusterSelector key
 MAX_RAYJOB_NAME = 47  # KubeRay: RayCluster names <= 53, and a RayJob's cluster name adds 6 characters

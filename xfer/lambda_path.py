@@ -11,7 +11,9 @@ same feature matrix, so this module solves the grid as a *path*:
   ``γ · V diag(1/(c·e_k + λ)) Vᵀ`` for W (``e_k, V``: eigen-pairs of ``XᵀX/n``, ``c`` the softmax curvature at
   zero: 1/C, or 1/4 one-vs-rest) instead of a scalar. Pooled CNN features have power-law spectra, so at
   small λ the plain problem is ill-conditioned and L-BFGS crawls; this is the cure ``fit_logistic``'s
-  scalar ``W = V/√(1+λ)`` rescaling only applies at one scale. One ``d×d`` eigendecomposition per call.
+  scalar ``W = V/√(1+λ)`` rescaling only applies at one scale. One ``d×d`` eigendecomposition per call;
+  only the top ``PRECONDITIONER_RANK`` eigen-directions are kept (the rest share their mean eigenvalue),
+  so applying it costs a ``[C, D]·[D, 256]`` product, not ``[C, D]·[D, D]``, at the same iteration count.
 * **L-BFGS memory carried across λ.** A curvature pair (s, y) of the objective at λ becomes the exact pair
   at λ' by ``y += (λ' − λ)·s_W``: the penalty is quadratic, only the data term's curvature is approximate.
 * **float32 iterations, float64 polish.** Iterations run on a float32 copy of the features (the matmuls
@@ -19,10 +21,10 @@ same feature matrix, so this module solves the grid as a *path*:
 
 The objective and the λ mapping are exactly the regime's (``logistic_objective``; sklearn's
 C = 1/(λ n)); every fit reports the float64 objective and max |gradient| at the returned point, computed
-in the original (W, b) coordinates. ``converged`` is True only when that gradient test passes
-(max |grad| ≤ tol) or when float64 L-BFGS could make no more progress (the line search found no
-decrease, or the objective stopped changing at float64 precision); running out of ``max_iter`` is
-``converged=False`` with a warning, as in ``fit_logistic``.
+in the original (W, b) coordinates. A fit's ``status`` is ``converged`` only when that gradient test
+passes (max |grad| ≤ tol); float64 L-BFGS that could make no more progress (the line search found no
+decrease, or the objective stopped changing) is ``stalled``, and running out of ``max_iter`` is
+``budget``, each with a warning, as in ``fit_logistic``.
 
 ``fit_logistic`` itself has no warm-start argument, so the solver here is its own small L-BFGS (the
 two-loop recursion with the preconditioner above; torch's strong-Wolfe line search). See
@@ -40,13 +42,14 @@ import torch
 from torch.optim.lbfgs import _strong_wolfe  # torch's line search (private but stable since 1.x)
 
 from xfer.contract import Diverged
-from xfer.logistic import LinearProbeError, LogisticFit, check_l2
+from xfer.logistic import LinearProbeError, LogisticFit, check_l2, fit_status
 
 log = logging.getLogger(__name__)
 
 HISTORY_SIZE = 20  # as fit_logistic
 TOLERANCE_CHANGE = 64 * float(np.finfo(np.float64).eps)  # as fit_logistic: "no progress left" in float64
-F32_RELATIVE_STALL = 1e-6  # float32 phase: objective change below this (relative) = float32 is used up
+F32_RELATIVE_STALL = 1e-9  # float32 phase: objective change below this (relative) = float32 is used up
+PRECONDITIONER_RANK = 256  # eigen-directions the preconditioner keeps; the rest share their mean eigenvalue
 
 __all__ = ["fit_logistic_path", "path_decision_values", "check_l2_values"]
 
@@ -111,7 +114,7 @@ class _Problem:
 class _Preconditioner:
     """H0 = V diag(1/(c e + λ)) Vᵀ on W's rows (+ 1/(c e0 + λ) off span V), 1/c on the bias."""
 
-    def __init__(self, x: torch.Tensor, curvature: float) -> None:
+    def __init__(self, x: torch.Tensor, curvature: float, rank: int | None = PRECONDITIONER_RANK) -> None:
         n, d = x.shape
         if d <= n:
             gram = (x.T @ x).div_(n)
@@ -121,22 +124,31 @@ class _Preconditioner:
             keep = e > 1e-6 * e.max().clamp_min(1e-30)
             e, u = e[keep], u[:, keep]
             v = (x.T @ u) / torch.sqrt(n * e)
-        self.e = e.clamp_min(0.0)
-        self.v = v
-        self.e0 = 0.0 if d > n else float(self.e.min())  # directions off span V carry no data curvature
+        e = e.clamp_min(0.0)
+        tail = 0.0 if d > n else float(e.min())  # directions off span V carry no data curvature
+        if rank is not None and rank < e.numel():
+            # keep the top eigen-directions (they carry the ill-conditioning of power-law spectra); the
+            # others share their mean eigenvalue: one [C, D]·[D, rank] product per apply instead of [D, D]
+            dropped = e[:-rank]
+            tail = float(dropped.sum()) / (d - rank) if d > n else float(dropped.mean())
+            e, v = e[-rank:], v[:, -rank:].contiguous()
+        self.e, self.v, self.e0 = e, v, tail
         self.c = curvature
         self.d = d
         self.scale_w: torch.Tensor | None = None
+        self.version = 0  # bumped on every change, so cached products H0·y are recomputed
 
     def set_l2(self, l2: float) -> None:
         s = 1.0 / (self.c * self.e + l2)
         self.s0 = 1.0 / (self.c * self.e0 + l2)
         self.scale_w = s - self.s0
+        self.version += 1
 
     def to(self, dtype: torch.dtype) -> "_Preconditioner":
         self.v, self.e = self.v.to(dtype), self.e.to(dtype)
         if self.scale_w is not None:
             self.scale_w = self.scale_w.to(dtype)
+        self.version += 1
         return self
 
     def apply(self, q: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -156,9 +168,12 @@ class _Memory:
         self.s: list[torch.Tensor] = []
         self.y: list[torch.Tensor] = []
         self.rho: list[float] = []
+        self._gamma: tuple[int, int, float] | None = None  # (pairs pushed, preconditioner version, γ)
+        self._pushed = 0
 
     def clear(self) -> None:
         self.s, self.y, self.rho = [], [], []
+        self._pushed += 1
 
     def push(self, s: torch.Tensor, y: torch.Tensor) -> None:
         ys = float(y.dot(s))
@@ -167,6 +182,7 @@ class _Memory:
         if len(self.s) == self.size:
             self.s.pop(0), self.y.pop(0), self.rho.pop(0)
         self.s.append(s), self.y.append(y), self.rho.append(1.0 / ys)
+        self._pushed += 1
 
     def shift_l2(self, delta: float) -> None:
         for s, y in zip(self.s, self.y):
@@ -175,10 +191,19 @@ class _Memory:
         self.s = [self.s[i] for i in keep]
         self.y = [self.y[i] for i in keep]
         self.rho = [1.0 / float(self.y[i].dot(self.s[i])) for i in range(len(self.s))]
+        self._pushed += 1
 
     def to(self, dtype: torch.dtype) -> None:
         self.s = [s.to(dtype) for s in self.s]
         self.y = [y.to(dtype) for y in self.y]
+        self._pushed += 1
+
+    def _scale(self, pre: _Preconditioner) -> float:
+        """γ = sᵀy / yᵀ H0 y of the newest pair, computed once per pair and preconditioner (one apply)."""
+        if self._gamma is None or self._gamma[:2] != (self._pushed, pre.version):
+            y = self.y[-1]
+            self._gamma = (self._pushed, pre.version, 1.0 / (self.rho[-1] * float(y.dot(pre.apply(y, self.c)))))
+        return self._gamma[2]
 
     def direction(self, g: torch.Tensor, pre: _Preconditioner) -> torch.Tensor:
         """−H g by the two-loop recursion with H0 = γ·pre (γ = sᵀy / yᵀ pre y, Nocedal & Wright 7.20)."""
@@ -190,8 +215,7 @@ class _Memory:
             alphas.append(a)
         r = pre.apply(q, self.c)
         if self.s:
-            y = self.y[-1]
-            r.mul_(1.0 / (self.rho[-1] * float(y.dot(pre.apply(y, self.c)))))
+            r.mul_(self._scale(pre))
         for s, y, rho, a in zip(self.s, self.y, self.rho, reversed(alphas)):
             b = rho * float(y.dot(r))
             r.add_(s, alpha=a - b)
@@ -255,14 +279,15 @@ def _lbfgs(prob: _Problem, z: torch.Tensor, f: float, g: torch.Tensor, l2: float
 def fit_logistic_path(x: torch.Tensor, y: torch.Tensor, l2_values: Sequence[float], *, num_classes: int,
                       multilabel: bool = False, max_iter: int = 1000, tol: float = 1e-6,
                       device: str | torch.device = "cpu", float32: bool = True, extrapolate: bool = True,
-                      keep_memory: bool = True, precondition: bool = True) -> list[LogisticFit]:
+                      keep_memory: bool = True, precondition: bool = True,
+                      preconditioner_rank: int | None = PRECONDITIONER_RANK) -> list[LogisticFit]:
     """Fit every λ of ``l2_values`` on the same (x, y); the fits come back in the order of ``l2_values``.
 
     Equivalent to ``[fit_logistic(x, y, l2, ...) for l2 in l2_values]`` (same objective, same minimiser
     up to ``tol``) but solved large → small λ with warm starts, a covariance preconditioner, L-BFGS memory
     carried across λ, and float32 iterations finished in float64 (see the module docstring; each switch
     exists to measure what it buys). ``max_iter`` and ``tol`` are per λ, as in ``fit_logistic``:
-    ``converged`` means max |∂loss/∂(W, b)| ≤ tol in float64, or no float64 progress was possible.
+    ``converged`` means max |∂loss/∂(W, b)| ≤ tol in float64; ``status`` says stalled or budget otherwise.
     """
     lams = check_l2_values(l2_values)
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
@@ -292,11 +317,11 @@ def fit_logistic_path(x: torch.Tensor, y: torch.Tensor, l2_values: Sequence[floa
     pw = p64 if not float32 else _Problem(x64.to(torch.float32), y64 if not multilabel else y64.to(torch.float32),
                                           num_classes, multilabel)
     curvature = 0.25 if multilabel else 1.0 / max(num_classes, 2)
-    pre = _Preconditioner(pw.x, curvature) if precondition else None
+    pre = _Preconditioner(pw.x, curvature, preconditioner_rank) if precondition else None
     if pre is None:  # scalar preconditioner: the identity metric (no eigendecomposition)
         pre = _Preconditioner.__new__(_Preconditioner)
         pre.e, pre.v = torch.zeros(0, dtype=work_dtype, device=device), torch.zeros(d, 0, dtype=work_dtype, device=device)
-        pre.e0, pre.c, pre.d, pre.scale_w = 1.0, curvature, d, None
+        pre.e0, pre.c, pre.d, pre.scale_w, pre.version = 1.0, curvature, d, None, 0
     mem = _Memory(HISTORY_SIZE, d, num_classes)
     max_eval = max(max_iter * 5 // 4, 1)
 
@@ -346,14 +371,14 @@ def fit_logistic_path(x: torch.Tensor, y: torch.Tensor, l2_values: Sequence[floa
             raise Diverged(f"logistic regression objective is not finite ({f64}) at λ={l2:g}")
         z, f, g = z64.to(work_dtype), f64, g64.to(work_dtype)
         grad_max = _grad_max(g64)
-        converged = grad_max <= tol or reason == "no progress"
-        if not converged:
-            log.warning("path L-BFGS used its budget (%d iterations) at λ=%g; max |gradient| %.3g > tol %.3g",
-                        it, l2, grad_max, tol)
+        status = fit_status(grad_max, tol, budget_spent=reason != "no progress")
+        if status != "converged":
+            log.warning("path L-BFGS %s at λ=%g after %d iterations; max |gradient| %.3g > tol %.3g",
+                        "stalled" if status == "stalled" else "used its budget", l2, it, grad_max, tol)
         w64, b64 = _split(z64, num_classes, d)
         fits[i] = LogisticFit(weight=w64.clone(), bias=b64.clone(),
                               objective=f64 / num_classes if multilabel else f64, n_iter=it, grad_max=grad_max,
-                              converged=converged, multilabel=multilabel)
+                              status=status, multilabel=multilabel)
         log.debug("path λ=%g: %d iterations, %d evaluations, objective %.10g, max|grad| %.2g (%s)",
                   l2, it, ev, f64, grad_max, reason)
         prev = (prev + [(l2, z.clone())])[-2:]

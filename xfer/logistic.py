@@ -44,6 +44,8 @@ from xfer.contract import Diverged
 
 log = logging.getLogger(__name__)
 
+# how a fit ended; only "converged" passed the gradient test (max |∂loss/∂(W, b)| ≤ tol)
+FIT_STATUSES = ("converged", "stalled", "budget")
 HISTORY_SIZE = 20  # L-BFGS memory; scipy (sklearn's solver) uses 10; 20 x D x C floats stays small
 TOLERANCE_CHANGE = 64 * float(np.finfo(np.float64).eps)  # as sklearn passes scipy (ftol): stop on no progress
 
@@ -84,8 +86,25 @@ class LogisticFit:
     objective: float  # the loss in the module docstring at the solution (mean over classes for multi-label)
     n_iter: int  # L-BFGS iterations
     grad_max: float  # max |gradient| at the solution
-    converged: bool  # stopped before max_iter (gradient below tol, or no progress left)
+    status: str  # FIT_STATUSES: converged (gradient test passed) | stalled (no progress, test failed) | budget
     multilabel: bool
+
+    def __post_init__(self) -> None:
+        if self.status not in FIT_STATUSES:
+            raise ValueError(f"unknown fit status {self.status!r}; valid: {', '.join(FIT_STATUSES)}")
+
+    @property
+    def converged(self) -> bool:
+        """Only a fit whose gradient test passed: a line search that found no decrease, or an objective
+        that stopped changing, says the solver stopped, not that it reached the minimum."""
+        return self.status == "converged"
+
+    def note(self, tol: float) -> str:
+        """Why the fit is not converged ('' when it is), for the trial's message."""
+        if self.converged:
+            return ""
+        why = "stalled (no further progress)" if self.status == "stalled" else f"used its budget ({self.n_iter} iterations)"
+        return f"L-BFGS {why}: max |grad| {self.grad_max:.2g} > tol {tol:.2g}"
 
     def decision_function(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [N, C] (multinomial) or per-class decision values (one-vs-rest)."""
@@ -173,14 +192,21 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float, *, num_classes: in
     if not math.isfinite(value):
         raise Diverged(f"logistic regression objective is not finite ({value}) at λ={l2:g}")
     grad_max = float(max(weight.grad.abs().max(), b.grad.abs().max()))
-    # L-BFGS stops on its own when the gradient is below tol or the loss / step stop changing (no
-    # progress left at float64 precision); only running out of its budget means "not converged"
-    converged = grad_max <= tol or (n_iter < max_iter and func_evals < opt.defaults["max_eval"])
-    if not converged:
-        log.warning("L-BFGS used its budget (%d iterations) at λ=%g; max |gradient| %.3g > tol %.3g",
-                    n_iter, l2, grad_max, tol)
+    # converged only when the gradient test passes; L-BFGS also stops when the loss or the step stop
+    # changing, which is a stall, not a solution
+    status = fit_status(grad_max, tol, budget_spent=n_iter >= max_iter or func_evals >= opt.defaults["max_eval"])
+    if status != "converged":
+        log.warning("L-BFGS %s at λ=%g after %d iterations; max |gradient| %.3g > tol %.3g",
+                    "stalled" if status == "stalled" else "used its budget", l2, n_iter, grad_max, tol)
     objective = value / num_classes if multilabel else value
     return LogisticFit(weight=weight.detach(), bias=b.detach(), objective=objective, n_iter=n_iter,
-                       grad_max=grad_max, converged=converged, multilabel=multilabel)
+                       grad_max=grad_max, status=status, multilabel=multilabel)
+
+
+def fit_status(grad_max: float, tol: float, *, budget_spent: bool) -> str:
+    """converged when max |gradient| ≤ tol; otherwise budget (ran out of iterations) or stalled."""
+    if grad_max <= tol:
+        return "converged"
+    return "budget" if budget_spent else "stalled"
 
 

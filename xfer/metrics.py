@@ -6,7 +6,8 @@ per-class recalls, so large classes do not dominate), and ``map11`` (PASCAL VOC 
 classes of the 11-point interpolated average precision of the VOC 2007 devkit).
 
 Every metric takes ``scores`` [N, C] (logits, probabilities or any decision values: only their order
-matters) and ``targets`` — [N] class indices for single-label metrics, [N, C] multi-hot for ``map11``.
+matters) and ``targets`` — [N] class indices for single-label metrics, [N, C] multi-hot for ``map11``
+(1 present, 0 absent, ``IGNORE`` neither: see ``map11``).
 """
 from __future__ import annotations
 
@@ -17,6 +18,12 @@ import numpy as np
 from xfer.registry import Registry
 
 Metric = Callable[[np.ndarray, np.ndarray], float]
+
+# A multi-hot entry that is neither positive nor negative: VOC 2007's "difficult"-only class of an image
+# (the class appears in it only in objects marked difficult). ``map11`` leaves such (image, class) pairs
+# out of that class's ranking, as the devkit does. 0.5 rather than e.g. -1 so that training on the same
+# targets stays a bounded binary cross-entropy (a soft "don't know" target) instead of breaking it.
+IGNORE = 0.5
 
 METRICS: "Registry[Metric]" = Registry("metric")
 
@@ -90,19 +97,25 @@ def ap11(scores: np.ndarray, positives: np.ndarray) -> float:
 @METRICS.register("map11")
 def map11(scores: np.ndarray, targets: np.ndarray) -> float:
     """Multi-label: mean over classes of the 11-point interpolated AP (PASCAL VOC 2007).
-    ``targets`` is multi-hot [N, C]; classes without any positive example have no AP and are left
-    out of the mean. (VOC's "difficult" examples are excluded by not giving them.)"""
+    ``targets`` is multi-hot [N, C] with entries 1 (present), 0 (absent) or ``IGNORE``: an ignored
+    (image, class) pair is left out of that class's ranking — neither a hit nor a false positive — as
+    the devkit's ``VOCevalcls`` does with its ground-truth label 0 (the class appears only as
+    "difficult"). Classes without any positive example have no AP and are left out of the mean."""
     s = _as_scores(scores)
     t = np.asarray(targets)
     if t.shape != s.shape:
         raise MetricInputError(f"map11 needs multi-hot targets of the scores' shape {s.shape}, got {t.shape}")
     t = t.astype(np.float64)
-    if not np.all((t == 0) | (t == 1)):
-        raise MetricInputError("map11: targets must be multi-hot (0/1 entries)")
-    present = np.flatnonzero(t.sum(axis=0) > 0)
+    if not np.all((t == 0) | (t == 1) | (t == IGNORE)):
+        raise MetricInputError(f"map11: targets must be multi-hot: entries 0, 1 or {IGNORE} (ignored)")
+    present = np.flatnonzero((t == 1).sum(axis=0) > 0)
     if len(present) == 0:
         raise MetricInputError("map11: no class has a positive example; AP is undefined")
-    return float(np.mean([ap11(s[:, c], t[:, c]) for c in present]))
+    aps = []
+    for c in present:
+        keep = t[:, c] != IGNORE
+        aps.append(ap11(s[keep, c], t[keep, c]))
+    return float(np.mean(aps))
 
 
 def compute_metric(name: str, scores: np.ndarray, targets: np.ndarray) -> float:

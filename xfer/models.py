@@ -13,17 +13,21 @@ registry (``WEIGHT_SOURCES``), one function per ``ModelSpec.weights`` value:
 
 The classifier is always new: ``num_classes`` outputs, or none (``num_classes=0``: the model returns the
 globally pooled penultimate features, ``model.num_features`` wide), as the paper's regimes need.
+**One rule for every new head** (``HEAD_INIT``): its weights and biases start at zero. timm's own
+per-architecture initialisations differ by about 8× in scale (std 0.013 to 0.10 for the paper's
+models), which at one learning-rate grid would give some architectures a hotter start than others;
+a zero head gives every architecture the same start (uniform predictions, the backbone's gradient
+arriving once the head has moved), whatever timm's default for it.
 
 ``source_top1`` gives a model's ImageNet (source) accuracy for the analysis: the spec's override, the
-value the pretrain regime measured, or timm's published figure from the shipped ``source_top1.csv``.
+value the pretrain regime measured, or timm's published figure from the shipped ``source_top1.csv``
+(``xfer.source_accuracy``), which records the image size of each figure.
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from dataclasses import dataclass, replace
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -34,6 +38,8 @@ from xfer.data.transforms import INTERPOLATIONS, DataConfig
 from xfer import timm_names
 from xfer.io import sha256_file
 from xfer.registry import Registry
+from xfer.source_accuracy import TABLE_PATH, read_table  # noqa: F401 - TABLE_PATH re-exported
+from xfer.trial import HEAD_INIT  # the one rule for new heads (see the module docstring)
 
 if TYPE_CHECKING:
     from xfer.contract import RunContext
@@ -41,7 +47,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TABLE_PATH = Path(__file__).with_name("source_top1.csv")
 CHECKPOINT_FILE = "model.pth"
 META_FILE = "meta.json"
 
@@ -55,6 +60,22 @@ class MissingCheckpointError(FileNotFoundError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else super().__str__()
+
+
+def init_new_head(module: nn.Module) -> int:
+    """Zero every parameter of ``module``'s classifier (timm's ``get_classifier``; a tuple for models
+    with two heads). Returns how many tensors it zeroed (0: no head, e.g. ``num_classes=0``)."""
+    heads = module.get_classifier() if hasattr(module, "get_classifier") else None
+    heads = heads if isinstance(heads, (tuple, list)) else (heads,)
+    n = 0
+    with torch.no_grad():
+        for head in heads:
+            if not isinstance(head, nn.Module):
+                continue
+            for p in head.parameters():
+                p.zero_()
+                n += 1
+    return n
 
 
 @dataclass
@@ -289,6 +310,8 @@ def load_backbone(model: "ModelSpec", *, num_classes: int, ctx: "RunContext | No
         if loaded.source_classes is not None and num_classes == loaded.source_classes and num_classes > 0:
             # timm keeps a head whose size matches; the regimes always train a new one
             module.reset_classifier(num_classes)
+        if num_classes > 0:
+            init_new_head(module)
     if loaded.data_config is not None:
         cfg = data_config_from_dict(loaded.data_config)
     else:
@@ -299,21 +322,10 @@ def load_backbone(model: "ModelSpec", *, num_classes: int, ctx: "RunContext | No
 
 
 # ------------------------------------------------------------------ source accuracy
-@lru_cache(maxsize=1)
-def _table() -> tuple[dict[str, Any], ...]:
-    lines = [ln for ln in TABLE_PATH.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-    rows = []
-    for row in csv.DictReader(lines):
-        top1 = row.get("top1", "").strip()
-        rows.append({"arch": row["arch"], "paper_model": row.get("paper_model", ""),
-                     "top1": float(top1) if top1 else None, "source": row.get("source", ""),
-                     "stand_in": str(row.get("stand_in", "")).strip().lower() == "true"})
-    return tuple(rows)
-
-
 def source_table() -> list[dict[str, Any]]:
-    """The shipped table: arch, paper_model, top1 (fraction or None), source, stand_in (bool)."""
-    return [dict(r) for r in _table()]
+    """The shipped table: arch, paper_model, top1 (fraction or None), input_size (px the figure was
+    measured at), source, stand_in (bool)."""
+    return [r.to_dict() for r in read_table()]
 
 
 def _full_name(arch: str) -> str:
@@ -327,15 +339,24 @@ def _full_name(arch: str) -> str:
     return f"{arch}.{tag}" if tag else arch
 
 
+def published_figure(arch: str) -> dict[str, Any] | None:
+    """timm's published ImageNet figure for these weights (top1 and the input size it was measured
+    at), if the shipped table has them."""
+    name = _full_name(arch)
+    return next((r.to_dict() for r in read_table() if r.arch == name), None)
+
+
 def published_top1(arch: str) -> float | None:
     """timm's published ImageNet top-1 for these weights, if the shipped table has them."""
-    name = _full_name(arch)
-    return next((r["top1"] for r in _table() if r["arch"] == name), None)
+    row = published_figure(arch)
+    return row["top1"] if row else None
 
 
 def source_top1(model: "ModelSpec", ctx: "RunContext | None" = None) -> float | None:
     """Source (ImageNet) top-1 as a fraction: the spec's ``source_top1``, else the value the pretrain
-    regime measured (``weights: pretrain``), else timm's published figure (``weights: hub``), else None."""
+    regime measured (``weights: pretrain``), else timm's published figure (``weights: hub``), else None.
+    A published figure is at its own input size (``published_figure``); ``xfer.source_accuracy.model_facts``
+    says when a model runs at another."""
     if model.source_top1 is not None:
         return float(model.source_top1)
     if model.weights == "pretrain":

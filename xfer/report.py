@@ -11,6 +11,14 @@ model, dataset, regime, source_top1, metric, value; fractions in [0, 1]) and wri
   per-dataset panels, the regime comparison (Figure 3-like), and per-regime heat maps with the
   "not significantly worse than the best" cells outlined (needs per-example ``predictions``).
 
+Stand-ins and shared results are in the open: a table with ``stand_in`` / ``paper_name`` columns gets
+a models section naming each stand-in and the paper model it stands for, stand-ins drawn as open
+markers (and marked * in figures and tables), and every headline r twice — with and without them. Rows that
+share a ``run_id`` (a random-init trial several entries of one architecture share) are one point of
+each correlation, labelled with every entry that shares it. ``input_size`` / ``source_input_size``
+flag models whose source top-1 was measured at another resolution than the one they ran at;
+``solver_converged`` / ``n_grid_unconverged`` count fits whose solver did not pass its convergence test.
+
 The statistics are in ``xfer.stats`` (see its docstring for the log-odds clipping, the bootstrap, the
 within-subject intervals and the significance tests).
 """
@@ -28,17 +36,20 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from xfer import stats
+from xfer import report_curves, stats
 from xfer.regimes import REGIMES
 
 log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ["model", "dataset", "regime", "source_top1", "metric", "value"]
-OPTIONAL_COLUMNS = ["run_id", "val", "n_test", "status", "note", "n_seeds", "<grid axes, e.g. lr, wd, l2>"]
+MODEL_COLUMNS = ["paper_name", "stand_in", "input_size", "source_input_size"]  # one value per model
+OPTIONAL_COLUMNS = ["run_id", "val", "n_test", "status", "note", "n_seeds", *MODEL_COLUMNS, "solver_converged",
+                    "n_grid_unconverged", "<grid axes, e.g. lr, wd, l2>"]
 FRACTION_COLUMNS = ["source_top1", "value", "val"]
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22")
 DPI = 130
 OUTLINE = "#f76707"  # orange: visible on both ends of the heat map's colour scale
+STAND_IN_MARK = "*"
 
 
 def regime_label(regime: str) -> str:
@@ -78,6 +89,35 @@ def _fraction_column(df: pd.DataFrame, col: str, source: str, allow_percent: boo
                             f"[{lo:g}, {hi:g}]{hint}")
 
 
+def _numeric_column(df: pd.DataFrame, col: str, source: str) -> pd.Series:
+    vals = pd.to_numeric(df[col], errors="coerce")
+    bad = df[col].notna() & (df[col].astype(str).str.strip() != "") & vals.isna()
+    if bad.any():
+        raise ResultsTableError(f"{source}: column {col!r} has non-numeric values "
+                                f"({', '.join(repr(v) for v in df.loc[bad, col].head(3))}); expected numbers or empty")
+    return vals
+
+
+def _bool_column(df: pd.DataFrame, col: str, source: str) -> pd.Series:
+    """true/false (any case), 1/0, yes/no or a bool; empty is false (the model is what its name says)."""
+    def parse(v: Any) -> bool | None:
+        if isinstance(v, (bool, np.bool_)):
+            return bool(v)
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return False
+        t = str(v).strip().lower()
+        if t in ("", "false", "0", "0.0", "no", "n", "f"):
+            return False
+        return True if t in stats.TRUE_WORDS or t == "1.0" else None
+
+    parsed = df[col].map(parse)
+    bad = parsed.isna()
+    if bad.any():
+        raise ResultsTableError(f"{source}: column {col!r} must be true or false (or empty), got "
+                                f"{', '.join(repr(v) for v in df.loc[bad, col].head(3))}")
+    return parsed.astype(bool)
+
+
 def validate_results(df: pd.DataFrame, *, source: str = "results table", allow_percent: bool = False
                      ) -> pd.DataFrame:
     """Check a results table and return a clean copy (numeric fractions, string keys, no duplicate cells).
@@ -112,14 +152,32 @@ def validate_results(df: pd.DataFrame, *, source: str = "results table", allow_p
     for c in FRACTION_COLUMNS:
         if c in out.columns:
             out[c] = _fraction_column(out, c, source, allow_percent)
-    if "n_test" in out.columns:
-        out["n_test"] = pd.to_numeric(out["n_test"], errors="coerce")
-    dup = out.duplicated(["model", "dataset", "regime"], keep=False)
+    for c in ("n_test", "input_size", "source_input_size", "solver_converged", "n_grid_unconverged"):
+        if c in out.columns:
+            out[c] = _numeric_column(out, c, source)
+    if "stand_in" in out.columns:
+        out["stand_in"] = _bool_column(out, "stand_in", source)
+    if "paper_name" in out.columns:
+        out["paper_name"] = out["paper_name"].map(lambda v: v.strip() if isinstance(v, str) else "")
+    for c in ("paper_name", "stand_in", "input_size", "source_input_size"):
+        if c in out.columns:
+            counts = out.groupby("model", sort=False)[c].nunique(dropna=True)
+            if (counts > 1).any():
+                m = counts[counts > 1].index[0]
+                raise ResultsTableError(f"{source}: column {c!r} differs across rows of model {m!r} "
+                                        f"({sorted(map(str, out.loc[out.model == m, c].unique()))}); it describes "
+                                        "the model entry and must be one value per model")
+    cell_axes = report_curves.cell_axis_columns(out)  # schedule, train_size: each value is a cell of its own
+    dup = out.duplicated(["model", "dataset", "regime", *cell_axes], keep=False)
     if dup.any():
         cells = out.loc[dup, ["model", "dataset", "regime"]].drop_duplicates().head(5)
         listed = "; ".join(" / ".join(r) for r in cells.itertuples(index=False))
-        raise ResultsTableError(f"{source}: more than one row for the same (model, dataset, regime): {listed}; "
-                                "a results table has one row per cell")
+        raise ResultsTableError(f"{source}: more than one row for the same (model, dataset, regime"
+                                f"{''.join(', ' + c for c in cell_axes)}): {listed}; a results table has one row per "
+                                "cell")
+    if report_curves.main_cells(out).empty:
+        raise ResultsTableError(f"{source}: no row has every cell axis ({', '.join(cell_axes)}) at its default; the "
+                                "main analysis compares models there")
     try:
         stats.source_top1_by_model(out)
     except ValueError as e:
@@ -175,11 +233,19 @@ def _accuracy_axis(ax) -> None:
 
 
 def _scatter_fit(ax, x: np.ndarray, y: np.ndarray, labels: Sequence[str] | None, color: str,
-                 yerr: np.ndarray | None = None, fontsize: float = 7.5) -> None:
-    if yerr is not None:
-        ax.errorbar(x, y, yerr=yerr, fmt="o", color=color, ms=5, capsize=2, lw=1, zorder=3)
-    else:
-        ax.plot(x, y, "o", color=color, ms=5, zorder=3)
+                 yerr: np.ndarray | None = None, fontsize: float = 7.5, hollow: np.ndarray | None = None) -> None:
+    """Points (open markers where ``hollow``: stand-ins), the least-squares line over all of them and
+    its 95% band, and non-overlapping labels."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    hollow = np.zeros(len(x), bool) if hollow is None else np.asarray(hollow, bool)
+    for mask, face in ((~hollow, color), (hollow, "white")):
+        if not mask.any():
+            continue
+        if yerr is not None:
+            ax.errorbar(x[mask], y[mask], yerr=np.asarray(yerr)[mask], fmt="o", color=color, mfc=face, mew=1.3,
+                        ms=5, capsize=2, lw=1, zorder=3)
+        else:
+            ax.plot(x[mask], y[mask], "o", color=color, mfc=face, mew=1.3, ms=5, zorder=3)
     if len(x) >= 3 and np.ptp(x) > 0:
         grid = np.linspace(x.min(), x.max(), 100)
         fit, lo, hi = stats.fit_line(x, y, grid)
@@ -189,6 +255,23 @@ def _scatter_fit(ax, x: np.ndarray, y: np.ndarray, labels: Sequence[str] | None,
         ax.margins(x=0.12, y=0.08)
         _place_labels(ax, x, y, labels, fontsize)
     ax.grid(True, alpha=0.3)
+
+
+def _points(results: pd.DataFrame, regime: str, h: Mapping[str, Any]) -> tuple[list[str], np.ndarray, np.ndarray,
+                                                                             np.ndarray]:
+    """A headline's points: labels (stand-ins marked †), x (source top-1, %), mean log-odds, and which
+    points are stand-ins (every entry sharing the point is one)."""
+    subs = set(stats.stand_ins(results))
+    pts = h["points"]
+    labels = [_mark(label, all(m in subs for m in p["members"])) for label, p in pts.items()]
+    x = np.array([100 * p["source_top1"] for p in pts.values()], float)
+    y = np.array([p["mean_log_odds"] for p in pts.values()], float)
+    hollow = np.array([all(m in subs for m in p["members"]) for p in pts.values()], bool)
+    return labels, x, y, hollow
+
+
+def _mark(label: str, stand_in: bool) -> str:
+    return f"{label} {STAND_IN_MARK}" if stand_in else label
 
 
 def _place_labels(ax, x: np.ndarray, y: np.ndarray, labels: Sequence[str], fontsize: float) -> None:
@@ -233,25 +316,24 @@ def _place_labels(ax, x: np.ndarray, y: np.ndarray, labels: Sequence[str], fonts
 def plot_correlation(results: pd.DataFrame, head: Mapping[str, Mapping[str, Any]],
                      intervals: Mapping[str, pd.DataFrame], title: str) -> Any:
     """Per regime: source top-1 vs mean log-odds transfer accuracy, with Morey error bars, the
-    least-squares line and its 95% confidence band; r, its CI and ρ in the panel title."""
+    least-squares line and its 95% confidence band; r, its CI and ρ in the panel title (and r without
+    stand-ins when there are any). Stand-ins are open markers marked †; a result several entries share
+    is one point labelled with all of them."""
     regimes = list(head)
-    fig = _figure(5.2 * len(regimes), 4.6)
+    fig = _figure(5.2 * len(regimes), 4.8)
     axes = fig.subplots(1, len(regimes), squeeze=False)[0]
-    src = stats.source_top1_by_model(results)
     for ax, regime in zip(axes, regimes):
         h = head[regime]
         iv = intervals.get(regime)
-        models = h["models"]
         color = regime_color(regime)
-        if models:
-            x = src[models].to_numpy() * 100
-            block = stats.value_matrix(results, regime).loc[models, h["datasets"]]
-            y = block.mean(axis=1).to_numpy()
-            yerr = iv.loc[models, "half_width"].to_numpy() if iv is not None else None
-            _scatter_fit(ax, x, y, models, color, yerr)
+        if h["points"]:
+            labels, x, y, hollow = _points(results, regime, h)
+            yerr = iv.loc[list(h["points"]), "half_width"].to_numpy() if iv is not None else None
+            _scatter_fit(ax, x, y, labels, color, yerr, hollow=hollow)
         else:
             ax.text(0.5, 0.5, "no complete results", ha="center", va="center", transform=ax.transAxes)
-        ax.set_title(f"{regime_label(regime)}\n{_fmt_r(h)}", fontsize=10)
+        sub = f"\nwithout stand-ins: {_fmt_r(h['without_stand_ins'])}" if "without_stand_ins" in h else ""
+        ax.set_title(f"{regime_label(regime)}\n{_fmt_r(h)}{sub}", fontsize=10)
         ax.set_xlabel("source-task (e.g. ImageNet) top-1 accuracy (%)")
         ax.set_ylabel(f"mean transfer accuracy (log odds)\nover {h['n_datasets']} datasets")
         _accuracy_axis(ax)
@@ -260,9 +342,11 @@ def plot_correlation(results: pd.DataFrame, head: Mapping[str, Mapping[str, Any]
 
 
 def plot_per_dataset(results: pd.DataFrame, regime: str, per_dataset: pd.DataFrame) -> Any:
-    """Small multiples: one panel per dataset, source top-1 vs log-odds accuracy of each model."""
+    """Small multiples: one panel per dataset, source top-1 vs log-odds accuracy of each model (a shared
+    result once, stand-ins as open markers)."""
     mat = stats.value_matrix(results, regime)
     src = stats.source_top1_by_model(results)
+    subs = set(stats.stand_ins(results))
     datasets = list(mat.columns)
     ncols = min(4, len(datasets))
     nrows = math.ceil(len(datasets) / ncols)
@@ -277,11 +361,14 @@ def plot_per_dataset(results: pd.DataFrame, regime: str, per_dataset: pd.DataFra
         ds = datasets[i]
         y = mat[ds]
         ok = y.notna() & src.reindex(y.index).notna()
-        x = src.reindex(y.index)[ok].to_numpy() * 100
-        _scatter_fit(ax, x, y[ok].to_numpy(), None, color)
+        pts, x, members = stats.collapse_shared(mat.loc[ok, [ds]], src, stats.shared_groups(results, regime, ds))
+        hollow = np.array([all(m in subs for m in members[label]) for label in pts.index], bool)
+        _scatter_fit(ax, x.to_numpy() * 100, pts[ds].to_numpy(), None, color, hollow=hollow)
         r = pd_r.loc[ds, "r"] if ds in pd_r.index else math.nan
         miss = int((~ok).sum())
         rtxt = f"r = {r:.2f}" if np.isfinite(r) else "r n/a"
+        if "r_without_stand_ins" in pd_r.columns and ds in pd_r.index and np.isfinite(pd_r.loc[ds, "r_without_stand_ins"]):
+            rtxt += f" ({pd_r.loc[ds, 'r_without_stand_ins']:.2f} w/o {STAND_IN_MARK})"
         ax.set_title(f"{ds}: {rtxt}" + (f" ({miss} missing)" if miss else ""), fontsize=9.5)
         if i % ncols == 0:
             ax.set_ylabel("accuracy (log odds)")
@@ -381,8 +468,9 @@ def plot_heatmap(results: pd.DataFrame, regime: str, significance: pd.DataFrame 
     ax.set_xticklabels([f"{ds} †" if untested and ds not in tested else ds for ds in acc.columns],
                        rotation=35, ha="right", fontsize=9)
     ax.set_yticks(range(n_m))
-    ax.set_yticklabels([f"{m} ({100 * src[m]:.1f}%)" if np.isfinite(src[m]) else f"{m} (n/a)" for m in models],
-                       fontsize=9)
+    subs = set(stats.stand_ins(results))
+    ax.set_yticklabels([_mark(f"{m} ({100 * src[m]:.1f}%)" if np.isfinite(src[m]) else f"{m} (n/a)", m in subs)
+                        for m in models], fontsize=9)
     ax.set_ylabel("model (source top-1)")
     ax.set_xlabel("dataset")
     cb = fig.colorbar(im, ax=ax, shrink=0.8)
@@ -392,6 +480,8 @@ def plot_heatmap(results: pd.DataFrame, regime: str, significance: pd.DataFrame 
     else:
         note = f"bold: best; orange outline: not significantly worse than the best (α = {alpha:g})"
         note += "; † no per-example predictions, not tested" if untested else ""
+    if subs:
+        note += f"\nmodel {STAND_IN_MARK}: stand-in (other weights under the paper model's name)"
     ax.set_title(f"{regime_label(regime)}: test accuracy (%)\n{note}", fontsize=10)
     return fig
 
@@ -476,6 +566,66 @@ class _Doc:
         return "\n".join(out)
 
 
+# ------------------------------------------------------------------ model facts
+def _per_model(results: pd.DataFrame, col: str) -> dict[str, Any]:
+    """One value of a per-model column for each model that has one (validate_results made them agree)."""
+    if col not in results.columns:
+        return {}
+    out = {}
+    for m, g in results.groupby("model", sort=False):
+        v = g[col].dropna()
+        v = v[v.astype(str).str.strip() != ""]
+        if len(v):
+            out[str(m)] = v.iloc[0]
+    return out
+
+
+def _paper_names(results: pd.DataFrame) -> dict[str, str]:
+    return {m: str(v) for m, v in _per_model(results, "paper_name").items()}
+
+
+def _resolution_flags(results: pd.DataFrame) -> dict[str, tuple[int, int]]:
+    """model → (size its source top-1 was measured at, size it ran at), where both are known and differ."""
+    run, fig = _per_model(results, "input_size"), _per_model(results, "source_input_size")
+    return {m: (int(fig[m]), int(run[m])) for m in stats.model_order(results)
+            if m in run and m in fig and int(run[m]) != int(fig[m])}
+
+
+def _models_table(results: pd.DataFrame, head: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    """Per model: the paper model it is named for, stand-in or not, source top-1 and the sizes behind it,
+    and the entries it shares a result with (per regime)."""
+    src = stats.source_top1_by_model(results)
+    names, subs = _paper_names(results), set(stats.stand_ins(results))
+    run, fig = _per_model(results, "input_size"), _per_model(results, "source_input_size")
+    flags = _resolution_flags(results)
+    rows = []
+    for m in stats.model_order(results):
+        shares = [f"{regime}: {', '.join(x for x in ms if x != m)}" for regime, h in head.items()
+                  for ms in h["shared"].values() if m in ms]
+        rows.append({"model": m, "paper model": names.get(m, ""), "stand-in": m in subs, "source top-1 (%)": src[m],
+                     "figure at (px)": int(fig[m]) if m in fig else None, "runs at (px)": int(run[m]) if m in run else None,
+                     "flag": "source top-1 at another size" if m in flags else "",
+                     "shares its result with": "; ".join(shares)})
+    return pd.DataFrame(rows)
+
+
+def _solver_summary(results: pd.DataFrame) -> str:
+    """How many fits did not pass their solver's convergence test (final results and grid), or ''."""
+    parts = []
+    if "solver_converged" in results.columns:
+        conv = pd.to_numeric(results["solver_converged"], errors="coerce")
+        known, bad = int(conv.notna().sum()), results[conv == 0]
+        if known:
+            cells = ", ".join(f"{r.model} / {r.dataset} / {r.regime}" for r in bad.itertuples(index=False))
+            parts.append(f"{len(bad)} of {known} final fits did not converge (stalled or out of iterations)"
+                         + (f": {cells}" if cells else ""))
+    if "n_grid_unconverged" in results.columns:
+        n = pd.to_numeric(results["n_grid_unconverged"], errors="coerce")
+        if n.notna().any():
+            parts.append(f"{int(n.fillna(0).sum())} grid fits did not converge")
+    return ("; ".join(parts) + ". A fit converged only when its gradient test passed.") if parts else ""
+
+
 # ------------------------------------------------------------------ the report
 @dataclass
 class Report:
@@ -491,7 +641,10 @@ class Report:
         """One line per regime, for the sweep / CLI to print."""
         lines = []
         for regime, h in self.headline.items():
-            lines.append(f"{regime}: {_fmt_r(h)} over {h['n_datasets']} datasets")
+            line = f"{regime}: {_fmt_r(h)} over {h['n_datasets']} datasets"
+            if "without_stand_ins" in h:
+                line += f"; without stand-ins {_fmt_r(h['without_stand_ins'])}"
+            lines.append(line)
         return lines
 
 
@@ -515,17 +668,21 @@ def build_report(results: pd.DataFrame, out_dir: str | Path,
                  predictions: Mapping[tuple[str, str, str], "tuple[np.ndarray, np.ndarray] | None"] | None = None,
                  title: str = "Transfer study report", *, n_boot: int = 10_000, seed: int = 0,
                  alpha: float = stats.ALPHA, n_permutations: int = 1_000,
-                 metric_fn: Callable[[str], stats.MetricFn] | None = None, estimates: pd.DataFrame | None = None,
+                 metric_fn: Callable[[str], stats.MetricFn] | None = None,
+                 curves: Mapping[str, report_curves.Curve] | None = None, estimates: pd.DataFrame | None = None,
                  grid_seconds: Mapping[str, float] | None = None) -> Report:
     """Analyse a results table and write the report files into ``out_dir`` (see the module docstring).
 
     ``predictions`` maps (model, dataset, regime) to the final run's per-example test outputs
     ``(scores [N, C], targets [N] or [N, C])`` (or None when absent); without them the heat maps mark
-    only the best model per dataset. ``estimates`` (``xfer.tracking.estimates.load_estimates``) adds the
-    transferability-estimator section, with ``grid_seconds`` (per regime) as the cost to compare with.
-    Returns a ``Report`` (files + headline per regime).
+    only the best model per dataset. ``curves`` maps grid run ids to validation curves (the convergence
+    view). Rows along a cell axis (schedule, training-set size) feed ``xfer.report_curves``'s views; the
+    rest of the report reads the rows at the cell axes' defaults. ``estimates``
+    (``xfer.tracking.estimates.load_estimates``) adds the transferability-estimator section, with
+    ``grid_seconds`` (per regime) as the cost to compare with. Returns a ``Report``.
     """
-    results = validate_results(results)
+    full = validate_results(results)
+    results = report_curves.main_cells(full).reset_index(drop=True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
@@ -533,23 +690,27 @@ def build_report(results: pd.DataFrame, out_dir: str | Path,
     head = stats.headline(results, n_boot=n_boot, seed=seed)
     per_ds = stats.per_dataset_correlations(results, n_boot=min(n_boot, 2_000), seed=seed)
     intervals: dict[str, pd.DataFrame] = {}
+    src = stats.source_top1_by_model(results)
     for regime, h in head.items():
-        if len(h["models"]) >= 2 and len(h["datasets"]) >= 2:
+        if len(h["points"]) >= 2 and len(h["datasets"]) >= 2:  # one row per point: a shared result once
             block = stats.value_matrix(results, regime).loc[h["models"], h["datasets"]]
-            intervals[regime] = stats.within_subject_intervals(block)
+            points, _, _ = stats.collapse_shared(block, src, [p["members"] for p in h["points"].values()])
+            intervals[regime] = stats.within_subject_intervals(points)
     significance = None
     if predictions:
         significance = stats.not_worse_than_best(results, predictions, alpha=alpha, n_permutations=n_permutations,
                                                  seed=seed, metric_fn=metric_fn)
     comparison = stats.regime_comparison(results)
     regimes = stats.regimes_in(results)
-    src = stats.source_top1_by_model(results)
+    subs = stats.stand_ins(results)
 
     # figures
     figs: dict[str, tuple[Any, str]] = {
         "fig_correlation": (plot_correlation(results, head, intervals, title),
                             "Source top-1 vs mean log-odds transfer accuracy per regime; error bars: 95% within-"
-                            "subject intervals (Morey 2008); line: least squares with 95% confidence band."),
+                            "subject intervals (Morey 2008); line: least squares with 95% confidence band"
+                            + (f"; open markers ({STAND_IN_MARK}): stand-ins" if subs else "")
+                            + "; a = b: one result those entries share, at their mean source top-1."),
     }
     for regime in regimes:
         figs[f"fig_per_dataset_{_slug(regime)}"] = (
@@ -574,32 +735,60 @@ def build_report(results: pd.DataFrame, out_dir: str | Path,
     doc.h("Headline: does source accuracy predict transfer accuracy?")
     rows = []
     for regime, h in head.items():
-        lo, hi = h["ci"]
-        excluded = ", ".join(f"{k} ({v})" for k, v in {**h["excluded_models"], **h["excluded_datasets"]}.items())
-        rows.append({"regime": regime, "Pearson r": h["r"], f"{int(h['confidence'] * 100)}% CI": (
-            f"[{_fmt(lo, digits=2)}, {_fmt(hi, digits=2)}]"), "p": h["p"], "Spearman ρ": h["rho"], "ρ p": h["rho_p"],
-            "models": h["n_models"], "datasets": h["n_datasets"], "left out": excluded or "none"})
+        variants = [("all", h)] + ([("without stand-ins", h["without_stand_ins"])] if "without_stand_ins" in h else [])
+        for which, v in variants:
+            lo, hi = v["ci"]
+            excluded = ", ".join(f"{k} ({e})" for k, e in {**v["excluded_models"], **v["excluded_datasets"]}.items())
+            rows.append({"regime": regime, "models": which, "Pearson r": v["r"],
+                         f"{int(v['confidence'] * 100)}% CI": f"[{_fmt(lo, digits=2)}, {_fmt(hi, digits=2)}]",
+                         "p": v["p"], "Spearman ρ": v["rho"], "ρ p": v["rho_p"], "points": v["n_models"],
+                         "entries": v["n_entries"], "datasets": v["n_datasets"], "left out": excluded or "none"})
     doc.table(pd.DataFrame(rows))
     doc.p(f"r is between source top-1 and the mean log-odds test accuracy over datasets, across models; CI: "
           f"percentile bootstrap over models ({n_boot} resamples, seed {seed}). Means need every model on every "
-          "dataset, so models or datasets with missing results are left out (listed).")
+          "dataset, so models or datasets with missing results are left out (listed). A result several model "
+          "entries share (one run: the same run_id) is one point, at the mean of their source top-1s: 'points' "
+          "counts what the correlation sees, 'entries' the model entries behind them.")
+    if subs:
+        names = _paper_names(results)
+        doc.p(f"Stand-ins ({len(subs)}): " + "; ".join(f"{m} runs other weights under the name "
+                                                        f"{names.get(m) or m}" for m in subs)
+              + ". Their rows measure the stand-in network, not the paper's model, so every r is given with "
+              "them ('all') and without them.")
+    shared_lines = [f"{regime}: {', '.join(' = '.join(ms) for ms in h['shared'].values())}"
+                    for regime, h in head.items() if h["shared"]]
+    if shared_lines:
+        doc.p("Shared results (counted once): " + "; ".join(shared_lines) + ".")
     doc.img(files["fig_correlation"], figs["fig_correlation"][1])
+
+    doc.h("Models")
+    doc.table(_models_table(results, head), pct=("source top-1 (%)",))
+    flagged = _resolution_flags(results)
+    if flagged:
+        doc.p("Source accuracy at another resolution: " + "; ".join(
+            f"{m}: source top-1 measured at {a} px, transfer run at {b} px" for m, (a, b) in flagged.items())
+            + ". Their x-axis value is not the network's accuracy at the size the study used.")
+    elif {"input_size", "source_input_size"} <= set(results.columns):
+        doc.p("Every source top-1 with a recorded input size was measured at the size the model ran at.")
 
     doc.h("Per-model mean log-odds with within-subject intervals")
     per_model = pd.DataFrame({"model": stats.model_order(results)})
     per_model["source top-1 (%)"] = [src[m] for m in per_model["model"]]
     for regime in regimes:
         iv = intervals.get(regime)
-        per_model[f"{regime} mean log-odds"] = [iv.loc[m, "mean"] if iv is not None and m in iv.index else math.nan
-                                                for m in per_model["model"]]
-        per_model[f"{regime} ± (95%)"] = [iv.loc[m, "half_width"] if iv is not None and m in iv.index else math.nan
-                                          for m in per_model["model"]]
+        point_of = {m: label for label, p in head[regime]["points"].items() for m in p["members"]}
+        per_model[f"{regime} mean log-odds"] = [iv.loc[point_of[m], "mean"] if iv is not None and m in point_of
+                                                else math.nan for m in per_model["model"]]
+        per_model[f"{regime} ± (95%)"] = [iv.loc[point_of[m], "half_width"] if iv is not None and m in point_of
+                                          else math.nan for m in per_model["model"]]
+    per_model["model"] = [_mark(m, m in subs) for m in per_model["model"]]
     doc.table(per_model, pct=("source top-1 (%)",))
 
     doc.h("Per-dataset correlations")
     doc.table(per_ds.assign(CI=[f"[{_fmt(a, digits=2)}, {_fmt(b, digits=2)}]"
                                 for a, b in zip(per_ds["ci_low"], per_ds["ci_high"])])
-              [["regime", "dataset", "r", "CI", "p", "rho", "rho_p", "n_models"]])
+              [["regime", "dataset", "r", "CI", "p", "rho", "rho_p", "n_models"]
+               + (["r_without_stand_ins", "n_without_stand_ins"] if subs else [])])
     for regime in regimes:
         name = f"fig_per_dataset_{_slug(regime)}"
         doc.img(files[name], figs[name][1])
@@ -638,6 +827,15 @@ def build_report(results: pd.DataFrame, out_dir: str | Path,
         else:
             doc.p("No pair could be tested (predictions were missing for the best models).")
 
+    solver = _solver_summary(results)
+    if solver:
+        doc.h("Solver convergence")
+        doc.p(solver)
+    extra = report_curves.views(full, out, curves, color=regime_color, label=regime_label)
+    for kind, x in extra.blocks:
+        doc.img(*x) if kind == "img" else {"h2": doc.h, "p": doc.p, "table": doc.table}[kind](x)
+    files.update(extra.files)
+
     if estimates is not None and len(estimates):
         from xfer import report_estimators  # the opt-in estimate stage's section
 
@@ -659,7 +857,7 @@ def build_report(results: pd.DataFrame, out_dir: str | Path,
           "sqrt(M/(M−1)) correction, t-interval over datasets. Selection used validation only; test was "
           "evaluated once per cell at the selected hyper-parameters.")
 
-    results.to_csv(out / "results.csv", index=False)
+    full.to_csv(out / "results.csv", index=False)
     files["results_csv"] = out / "results.csv"
     (out / "headline.json").write_text(json.dumps(_json_safe(head), indent=2))
     files["headline_json"] = out / "headline.json"

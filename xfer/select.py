@@ -18,9 +18,16 @@ Rules (all deterministic, so rerunning selection on the same runs picks the same
   names winning (e.g. smaller lr, smaller wd; larger l2: the simpler model); then the trial key
   (lexicographic) so that the result never depends on row order. Vals are compared after rounding to
   12 decimals (exact ties are common: accuracies are k/n).
+* A regime's *cell axes* (``Axis(cell=True)``: schedule length, training-set size) are never selected
+  over: each of their values is a cell of its own, with its own best configuration, final trial and
+  results row (a run that predates such an axis reads as its default).
 * A cell with no selectable run is kept with ``status="missing"`` — never dropped — so a report can
   show what is absent. Pass ``trials=`` (the sweep's grid) to also report cells that have no runs at
   all and to ignore runs of trials no longer in the sweep file.
+* With ``trials=``, every row also says what its model entry is (``MODEL_FACTS``: the paper model it
+  is named for, whether it is a stand-in, the input size it runs at and the one its source top-1 was
+  measured at); the results table carries them to the report. ``n_unconverged`` counts the cell's grid
+  fits whose iterative solver did not pass its convergence test (``solver_converged`` = 0).
 """
 from __future__ import annotations
 
@@ -33,28 +40,56 @@ import numpy as np
 import pandas as pd
 
 from xfer.regimes import REGIMES, Axis, all_axis_names
+from xfer.source_accuracy import model_facts
 from xfer.trial import TrialSpec
 
 log = logging.getLogger(__name__)
 
 Cell = tuple[str, str, str]  # (model, dataset, regime)
+CellPoint = tuple[tuple[str, float], ...]  # the values of a regime's cell axes, in its order
 CELL_COLUMNS = ["model", "dataset", "regime"]
 RUNS_REQUIRED = ["run_id", "trial_key", "model", "dataset", "regime", "stage", "status", "val"]
 VAL_DECIMALS = 12
+MODEL_FACTS = ["paper_name", "stand_in", "input_size", "source_input_size"]  # xfer.source_accuracy.model_facts
 
 
 class SelectionError(ValueError):
     """Runs that selection cannot tell apart or a regime whose axes it does not know."""
 
 
+def cell_point(regime: str, values: Any) -> CellPoint:
+    """``((axis, value), ...)`` for the regime's cell axes (a missing or NaN value is the default)."""
+    if regime not in REGIMES:
+        return ()
+    out = []
+    for a in REGIMES.get(regime).cell_axes:
+        v = _norm(values.get(a.name)) if hasattr(values, "get") else None
+        out.append((a.name, float(a.default) if v is None else v))
+    return tuple(out)
+
+
+def cell_of(trial: TrialSpec) -> tuple[str, str, str, CellPoint]:
+    """The cell selection keeps one configuration for: (model, dataset, regime, cell point)."""
+    return (*trial.cell, cell_point(trial.regime, trial.hparams))
+
+
+def _cell_label(cell: tuple) -> str:
+    point = " ".join(f"{k}={v:g}" for k, v in (cell[3] if len(cell) > 3 else ()) if v != _default(cell[2], k))
+    return " / ".join(cell[:3]) + (f" [{point}]" if point else "")
+
+
+def _default(regime: str, axis: str) -> float | None:
+    return REGIMES.get(regime).axis(axis).default if regime in REGIMES else None
+
+
 def selection_columns() -> list[str]:
     return ["model", "dataset", "regime", "status", "run_id", "trial_key", "val", *all_axis_names(),
-            "n_trials", "n_finished", "metric", "source_top1"]
+            "n_trials", "n_finished", "n_unconverged", "metric", "source_top1", *MODEL_FACTS]
 
 
 def results_columns() -> list[str]:
-    return ["model", "dataset", "regime", "source_top1", "metric", "value", *all_axis_names(), "run_id", "val",
-            "status", "n_seeds", "note"]
+    return ["model", "dataset", "regime", "source_top1", "metric", "value", "value_sd", *all_axis_names(), "run_id",
+            "grid_run_id", "val", "status", "n_seeds", "note", *MODEL_FACTS, "solver_converged", "n_grid_unconverged"]
 
 
 def regime_axes(regime: str) -> tuple[Axis, ...]:
@@ -76,11 +111,16 @@ def _check_columns(df: pd.DataFrame, required: Iterable[str], what: str) -> None
 def _with_optional(df: pd.DataFrame) -> pd.DataFrame:
     """Add the optional runs-table columns as NaN so the code below can rely on them."""
     df = df.copy()
-    for c in all_axis_names() + ["test", "source_top1", "seed", "start_time"]:
+    for c in all_axis_names() + ["test", "source_top1", "solver_converged", "seed", "start_time"]:
         if c not in df.columns:
             df[c] = np.nan
     if "metric" not in df.columns:
         df["metric"] = None
+    for regime in df["regime"].dropna().unique():  # a run from before a cell axis existed ran its default
+        rows = (df["regime"] == regime).to_numpy()
+        for a in REGIMES.get(regime).cell_axes if regime in REGIMES else ():
+            col = pd.to_numeric(df[a.name], errors="coerce")
+            df[a.name] = col.where(~(rows & col.isna().to_numpy()), float(a.default))
     return df
 
 
@@ -103,8 +143,10 @@ def _norm(v: Any) -> float | None:
 
 
 def _hp_key(values: dict[str, Any], axes: Sequence[Axis]) -> tuple:
-    """The configuration: the value on each of the regime's axes, in the regime's order."""
-    return tuple(_norm(values.get(a.name)) for a in axes)
+    """The configuration: the value on each of the regime's axes, in the regime's order (an axis with a
+    default that the trial or run does not name ran at its default)."""
+    return tuple(a.default if v is None and a.default is not None else v
+                 for a, v in ((a, _norm(values.get(a.name))) for a in axes))
 
 
 def _time_key(start: pd.Series) -> pd.Series:
@@ -125,13 +167,13 @@ def _dedupe_by_cell_key(runs: pd.DataFrame) -> pd.DataFrame:
     return order.drop_duplicates(CELL_COLUMNS + ["trial_key"], keep="last").drop(columns="_t")
 
 
-def _check_distinguishable(cell: Cell, g: pd.DataFrame) -> None:
+def _check_distinguishable(cell: tuple, g: pd.DataFrame) -> None:
     """Refuse runs of one cell that agree on every axis and seed but are different trials."""
     seeds = pd.to_numeric(g["seed"], errors="coerce").fillna(0)
     for (hp, seed), keys in g.assign(_seed=seeds).groupby(["hp", "_seed"], sort=False)["trial_key"]:
         if keys.nunique() > 1:
             raise SelectionError(
-                f"{' / '.join(cell)}: runs {', '.join(sorted(keys.unique()))} have the same grid point {hp} and "
+                f"{_cell_label(cell)}: runs {', '.join(sorted(keys.unique()))} have the same grid point {hp} and "
                 f"seed {int(seed)} but are different trials (options or model fields changed between sweeps, or an "
                 "axis the runs table does not show); select with the sweep file (`xfer report --spec`) or remove the "
                 "stale runs")
@@ -170,24 +212,32 @@ def select_best(runs: pd.DataFrame, stage: str = "grid", *, trials: Sequence[Tri
                      int(outside.sum()), stage)
         df = df[~outside]
         hp_by_key = {k: dict(t.hparams) for k, t in keys.items()}
-        cells = expected_cells(trials)
+        cells = list(dict.fromkeys(cell_of(t) for t in trials))
+        facts = {t.model.name: model_facts(t.model) for t in {t.model.name: t for t in trials}.values()}
     else:
-        cells = sorted({(str(m), str(d), str(r)) for m, d, r in df[CELL_COLUMNS].itertuples(index=False)})
+        facts = {}
     df = _dedupe_by_cell_key(df)
-    df = df.assign(hp=[_hp_key(hp_by_key.get(row["trial_key"]) or row, regime_axes(row["regime"]))
-                       for row in df.to_dict("records")])
+    records = df.to_dict("records")
+    df = df.assign(hp=[_hp_key(hp_by_key.get(row["trial_key"]) or row, regime_axes(row["regime"])) for row in records],
+                   _point=[cell_point(row["regime"], hp_by_key.get(row["trial_key"]) or row) for row in records])
+    if trials is None:
+        cells = sorted({(str(m), str(d), str(r), p) for m, d, r, p in df[CELL_COLUMNS + ["_point"]].itertuples(
+            index=False)})
 
-    groups = {cell: g for cell, g in df.groupby(CELL_COLUMNS, sort=False)}
+    groups = {cell: g for cell, g in df.groupby(CELL_COLUMNS + ["_point"], sort=False)}
     rows = []
     for cell in cells:
         g = groups.get(cell, df.iloc[0:0])
         _check_distinguishable(cell, g)
         ok = g[(g["status"] == "finished") & np.isfinite(pd.to_numeric(g["val"], errors="coerce"))]
-        row: dict[str, Any] = dict(zip(CELL_COLUMNS, cell), status="missing", run_id=None, trial_key=None,
-                                   val=math.nan, **{a: math.nan for a in all_axis_names()}, n_trials=len(g),
+        row: dict[str, Any] = dict(zip(CELL_COLUMNS, cell[:3]), status="missing", run_id=None, trial_key=None,
+                                   val=math.nan, **{**{a: math.nan for a in all_axis_names()}, **dict(cell[3])},
+                                   n_trials=len(g),
                                    n_finished=int((g["status"] == "finished").sum()),
+                                   n_unconverged=int((pd.to_numeric(g["solver_converged"], errors="coerce") == 0).sum()),
                                    metric=next((m for m in g["metric"] if isinstance(m, str) and m), None),
-                                   source_top1=_first_finite(g["source_top1"]))
+                                   source_top1=_first_finite(g["source_top1"]),
+                                   **facts.get(cell[0], dict.fromkeys(MODEL_FACTS)))
         if not ok.empty:
             ok = ok.assign(val=pd.to_numeric(ok["val"]), _seed=pd.to_numeric(ok["seed"], errors="coerce").fillna(0))
             # one candidate per configuration: mean val over its finished seeds, named by its smallest seed
@@ -203,7 +253,7 @@ def select_best(runs: pd.DataFrame, stage: str = "grid", *, trials: Sequence[Tri
                        **{a.name: v for a, v in zip(axes, best["hp"])})
         else:
             statuses = ", ".join(f"{s} {n}" for s, n in g["status"].value_counts().sort_index().items()) or "no runs"
-            log.warning("no finished %s run for %s / %s / %s (%s): the cell is missing", stage, *cell, statuses)
+            log.warning("no finished %s run for %s (%s): the cell is missing", stage, _cell_label(cell), statuses)
         rows.append(row)
     return pd.DataFrame(rows, columns=selection_columns())
 
@@ -214,7 +264,7 @@ def final_trials(selection: pd.DataFrame, grid_trials: Sequence[TrialSpec]) -> l
     the final run too). Missing cells get no final trial."""
     _check_columns(selection, ["model", "dataset", "regime", "status", "trial_key"], "selection")
     by_key = {t.key: t for t in grid_trials}
-    chosen: dict[Cell, dict[str, float]] = {}
+    chosen: dict[tuple, dict[str, float]] = {}
     for row in selection.itertuples(index=False):
         if row.status != "selected":
             continue
@@ -224,14 +274,15 @@ def final_trials(selection: pd.DataFrame, grid_trials: Sequence[TrialSpec]) -> l
                 f"selection chose trial {row.trial_key} for {row.model} / {row.dataset} / {row.regime}, "
                 "but that trial is not in the sweep's grid (was the sweep file changed since the grid ran?); "
                 "select with select_best(runs, trials=grid_trials) to consider only the current grid")
-        chosen[(row.model, row.dataset, row.regime)] = dict(t.hparams)  # a shared key maps to one of its cells
+        # a shared key maps to one of its cells; the cell point is the trial's own
+        chosen[(row.model, row.dataset, row.regime, cell_point(row.regime, t.hparams))] = dict(t.hparams)
     out: list[TrialSpec] = []
-    seen: set[str] = set()
+    seen: set[tuple] = set()
     for t in grid_trials:
-        if chosen.get(t.cell) == dict(t.hparams):
+        if chosen.get(cell_of(t)) == dict(t.hparams):
             f = replace(t, stage="final")
-            if (f.cell, f.key) not in seen:
-                seen.add((f.cell, f.key))
+            if (cell_of(f), f.key) not in seen:
+                seen.add((cell_of(f), f.key))
                 out.append(f)
     return out
 
@@ -260,10 +311,12 @@ def results_table(final_runs: pd.DataFrame, selection: pd.DataFrame) -> pd.DataF
     for _, sel in selection.iterrows():
         cell = (sel["model"], sel["dataset"], sel["regime"])
         row: dict[str, Any] = {**dict(zip(CELL_COLUMNS, cell)), "source_top1": sel.get("source_top1", math.nan),
-                               "metric": sel.get("metric"), "value": math.nan,
+                               "metric": sel.get("metric"), "value": math.nan, "value_sd": math.nan,
                                **{a: sel.get(a, math.nan) for a in all_axis_names()},
-                               "run_id": None, "val": sel["val"], "status": "no_selection",
-                               "n_seeds": 0, "note": "no finished grid trial"}
+                               "run_id": None, "grid_run_id": sel["run_id"], "val": sel["val"],
+                               "status": "no_selection", "n_seeds": 0, "note": "no finished grid trial",
+                               **{c: sel.get(c) for c in MODEL_FACTS},
+                               "solver_converged": math.nan, "n_grid_unconverged": sel.get("n_unconverged", math.nan)}
         if sel["status"] == "selected":
             g = groups.get(cell, fr.iloc[0:0])
             g = g[_hp_match(g, sel)]
@@ -277,8 +330,12 @@ def results_table(final_runs: pd.DataFrame, selection: pd.DataFrame) -> pd.DataF
                 ok = ok.sort_values(["_seed", "_t"], kind="mergesort").drop_duplicates("_seed", keep="last")
                 src = _first_finite(ok["source_top1"])
                 metric = next((m for m in ok["metric"] if isinstance(m, str) and m), row["metric"])
-                row.update(value=float(pd.to_numeric(ok["test"]).mean()), run_id=ok["run_id"].iloc[0],
+                conv = pd.to_numeric(ok["solver_converged"], errors="coerce").dropna()
+                tests = pd.to_numeric(ok["test"])
+                row.update(value=float(tests.mean()), value_sd=float(tests.std(ddof=1)) if len(ok) > 1 else math.nan,
+                           run_id=ok["run_id"].iloc[0],
                            status="finished", n_seeds=len(ok), note="", metric=metric,
+                           solver_converged=float(conv.min()) if len(conv) else math.nan,
                            source_top1=src if math.isfinite(src) else row["source_top1"])
         rows.append(row)
     return pd.DataFrame(rows, columns=results_columns())

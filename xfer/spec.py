@@ -40,7 +40,7 @@ TOP_KEYS = {
     "models": "list of models",
     "datasets": "list of dataset names or {name, label, options...}",
     "regimes": "mapping regime -> {grid: {...}, options...}",
-    "resources": "mapping regime -> {cpu, gpu} per trial",
+    "resources": "mapping regime -> {cpu, gpu} per trial (+ models: {model name: {cpu, gpu}} to pack small models)",
     "search": "{type: grid} (default) or {type: optuna, num_samples, seed}",
     "final": "{enabled: true} — retrain the best config on train+val and test once",
     "max_concurrent": "cap on trials running at once (default: as resources allow)",
@@ -48,9 +48,11 @@ TOP_KEYS = {
     "plugins": "modules imported first, in the driver and every trial process (they register regimes, datasets)",
     "estimators": "transferability estimators scored per model x dataset before the grid, e.g. [logme, leep, nce, hscore]",
 }
-MODEL_KEYS = ("name", "arch", "weights", "weights_file", "pretrain", "source_top1", "input_size", "paper_name")
+MODEL_KEYS = ("name", "arch", "weights", "weights_file", "pretrain", "source_top1", "input_size", "paper_name",
+              "stand_in")
 SEARCH_TYPES = ("grid", "optuna")
-RESOURCE_KEYS = ("cpu", "gpu")
+RESOURCE_KEYS = ("cpu", "gpu", "models")
+AMOUNT_KEYS = ("cpu", "gpu")
 
 
 def _type_name(v: Any) -> str:
@@ -177,9 +179,14 @@ def model_spec(raw: Any, path: str, seeds: list[int]) -> ModelSpec:
                 f"an integer >= 8 (pixels), got {size!r}")
     paper = raw.get("paper_name")
     _expect(paper is None or isinstance(paper, str), f"{path}.paper_name", "must be a string")
+    stand_in = raw.get("stand_in")
+    _expect(stand_in is None or isinstance(stand_in, bool), f"{path}.stand_in",
+            f"true or false (whether the entry runs other weights than its paper model), got {stand_in!r}")
+    _expect(not stand_in or bool(paper), f"{path}.stand_in",
+            "a stand-in needs paper_name: the paper model it stands for")
     return ModelSpec(name=raw["name"], arch=raw["arch"], weights=weights, weights_file=weights_file,
                      pretrain=pretrain, source_top1=None if top1 is None else float(top1),
-                     input_size=size, paper_name=paper)
+                     input_size=size, paper_name=paper, stand_in=stand_in)
 
 
 @dataclass(frozen=True)
@@ -187,6 +194,9 @@ class RegimeSpec:
     name: str
     grid: Mapping[str, list[float]]
     options: Mapping[str, Any]
+    # grid trials of one cell run back to back in one Ray task: for trials of a few seconds, where Ray's
+    # and MLflow's per-trial cost would exceed the compute (not in trial keys: it changes no result)
+    trials_per_task: int = 1
 
 
 def _regime(name: str, raw: Any, path: str) -> RegimeSpec:
@@ -200,17 +210,26 @@ def _regime(name: str, raw: Any, path: str) -> RegimeSpec:
     _expect(isinstance(raw, Mapping), path, f"expected a mapping {{grid: ..., options...}}, got {raw!r}")
     raw = dict(raw)
     grid_raw = raw.pop("grid", None)
+    per_task = raw.pop("trials_per_task", 1)
+    _expect(isinstance(per_task, int) and not isinstance(per_task, bool) and per_task >= 1,
+            f"{path}.trials_per_task", f"an integer >= 1 (grid trials run back to back in one task), got {per_task!r}")
     _expect(isinstance(grid_raw, Mapping), f"{path}.grid",
             f"required: a mapping of {', '.join(regime.axis_names)} to values")
     _check_keys(grid_raw, regime.axis_names, f"{path}.grid")
     grid: dict[str, list[float]] = {}
     for axis in regime.axes:
+        if axis.name not in grid_raw and axis.default is not None:
+            continue  # a cell axis the sweep does not name: its trials run (and key as) its default
         _expect(axis.name in grid_raw, f"{path}.grid.{axis.name}", "missing; every axis of the regime needs values")
         values = _expand_values(grid_raw[axis.name], f"{path}.grid.{axis.name}")
         bad = [v for v in values if not axis.valid(v)]
         _expect(not bad, f"{path}.grid.{axis.name}", f"values must be {axis.rule}, got {bad}")
+        if axis.cell and not any(axis.is_default(v) for v in values):
+            raise SpecError(f"{path}.grid.{axis.name}: a cell axis must include its default {axis.default:g} (the "
+                            "cell the main analysis compares across models and regimes; every other value is a "
+                            f"cell of its own), got {values}")
         grid[axis.name] = values
-    return RegimeSpec(name=name, grid=grid, options=_options(regime, raw, path))
+    return RegimeSpec(name=name, grid=grid, options=_options(regime, raw, path), trials_per_task=per_task)
 
 
 @dataclass(frozen=True)
@@ -263,9 +282,18 @@ class SweepSpec:
                                                  seed=seed, stage="grid", key_rule=rule))
         return out
 
-    def resources_for(self, regime: str) -> dict[str, float]:
+    @property
+    def trials_per_task(self) -> dict[str, int]:
+        """Regime -> grid trials per Ray task (see ``RegimeSpec.trials_per_task``)."""
+        return {r.name: r.trials_per_task for r in self.regimes}
+
+    def resources_for(self, regime: str, model: str | None = None) -> dict[str, float]:
+        """CPUs and GPUs of one trial: the regime's, or the model's own under ``resources.<regime>.models``
+        (a fractional GPU packs several small-model trials onto one device)."""
         res = {"cpu": 1.0, "gpu": 0.0}
-        res.update(self.resources.get(regime, {}))
+        regime_res = self.resources.get(regime, {})
+        res.update({k: float(v) for k, v in regime_res.items() if k in AMOUNT_KEYS})
+        res.update({k: float(v) for k, v in (regime_res.get("models") or {}).get(model, {}).items()})
         return res
 
 
@@ -284,6 +312,16 @@ def _estimators(raw: Any) -> tuple[str, ...]:
     dup = sorted({n for n in raw if raw.count(n) > 1})
     _expect(not dup, "spec.estimators", f"repeated: {', '.join(dup)}")
     return tuple(raw)
+
+
+def _check_amounts(res: Mapping[str, Any], path: str) -> None:
+    for k in AMOUNT_KEYS:
+        if k not in res:
+            continue
+        v = res[k]
+        _expect(is_number(v) and v >= 0, f"{path}.{k}", f"a number >= 0, got {v!r}")
+        if k == "gpu" and v > 1:
+            _expect(float(v).is_integer(), f"{path}.gpu", "fractions are only allowed below 1")
 
 
 def parse_spec(raw: Any, path: str | None = None) -> SweepSpec:
@@ -321,10 +359,14 @@ def parse_spec(raw: Any, path: str | None = None) -> SweepSpec:
         _expect(r in REGIMES, f"spec.resources.{r}", REGIMES.unknown_message(r))
         _expect(isinstance(res, Mapping), f"spec.resources.{r}", "expected {cpu: N, gpu: N}")
         _check_keys(res, RESOURCE_KEYS, f"spec.resources.{r}")
-        for k, v in res.items():
-            _expect(is_number(v) and v >= 0, f"spec.resources.{r}.{k}", f"a number >= 0, got {v!r}")
-            if k == "gpu" and v > 1:
-                _expect(float(v).is_integer(), f"spec.resources.{r}.gpu", "fractions are only allowed below 1")
+        _check_amounts(res, f"spec.resources.{r}")
+        per_model = res.get("models") or {}
+        _expect(isinstance(per_model, Mapping), f"spec.resources.{r}.models",
+                "expected a mapping model name -> {cpu: N, gpu: N}")
+        for m, mres in per_model.items():
+            _expect(isinstance(mres, Mapping), f"spec.resources.{r}.models.{m}", "expected {cpu: N, gpu: N}")
+            _check_keys(mres, AMOUNT_KEYS, f"spec.resources.{r}.models.{m}")
+            _check_amounts(mres, f"spec.resources.{r}.models.{m}")
     search = dict(raw.get("search") or {"type": "grid"})
     _check_keys(search, ("type", "num_samples", "seed"), "spec.search")
     _expect(search.get("type", "grid") in SEARCH_TYPES, "spec.search.type",
@@ -359,6 +401,10 @@ def parse_spec(raw: Any, path: str | None = None) -> SweepSpec:
     _expect(not dup, "spec.datasets", f"dataset names must be unique (give a `label`); repeated: {', '.join(dup)}")
     models = [model_spec(m, f"spec.models[{i}]", seeds) for i, m in enumerate(raw["models"])]
     names = [m.name for m in models]
+    for r, res in resources.items():  # per-model resources name models of this file
+        for m in (res.get("models") or {}):
+            _expect(m in names, f"spec.resources.{r}.models.{m}",
+                    f"not a model of this sweep; its models: {', '.join(names)}")
     dup = sorted({n for n in names if names.count(n) > 1})
     _expect(not dup, "spec.models", f"model names must be unique; repeated: {', '.join(dup)}")
     return SweepSpec(
@@ -407,10 +453,13 @@ def plan(spec: SweepSpec) -> dict[str, Any]:
     per_model_dataset = n_seeds * sum(per_cell_regime.values())
     by_cell = {f"{m.name} / {d.display}": per_model_dataset for m in spec.models for d in spec.datasets}
     n_cells = len(spec.models) * n_data * n_seeds
+    # a cell axis (schedule, training-set size) makes each of its values a cell with its own final trial
+    points = {r.name: math.prod(len(r.grid.get(a.name, [a.default])) for a in REGIMES.get(r.name).cell_axes)
+              for r in spec.regimes}
     return {
         "sweep": spec.name, "total": sum(by_regime.values()), "distinct": sum(distinct.values()),
         "distinct_by_regime": distinct, "pretrain": len(spec.pretrain_trials()),
-        "final": n_cells * len(spec.regimes) if spec.final else 0,
+        "final": n_cells * sum(points.values()) if spec.final else 0,
         "models": len(spec.models), "datasets": n_data, "seeds": n_seeds,
         "by_regime": by_regime, "per_cell_by_regime": per_cell_regime, "by_model_dataset": by_cell,
         "grids": {r.name: {a: len(v) for a, v in r.grid.items()} for r in spec.regimes},

@@ -12,6 +12,12 @@ Conventions follow Kornblith et al. 2019:
   and Spearman ρ beside it. Means over datasets need every model on every dataset: the analysis
   uses the largest complete model × dataset block found greedily (``complete_block``) and says
   what it left out.
+* **Each result counts once.** Model entries that share one trial (a random-init result is the same
+  run for every entry of one architecture and preprocessing: the rows share a ``run_id``) are one
+  point of every correlation — at the mean of their source top-1s — not one point per name
+  (``shared_groups``). **Stand-ins** (rows whose ``stand_in`` is true: other weights run under a paper
+  model's name) are in the headline's r, and a second r leaves them out (``headline``'s
+  ``without_stand_ins``).
 * Per-model error bars are within-subject intervals (Cousineau 2005 normalisation with Morey 2008's
   correction), the datasets being the "subjects" and the models the within-subject factor.
 * "Not significantly worse than the best" per dataset: two-sided exact McNemar test (a binomial
@@ -148,6 +154,74 @@ def complete_block(matrix: pd.DataFrame) -> tuple[pd.DataFrame, list[str], list[
     return m, dropped_models, dropped_datasets
 
 
+# ------------------------------------------------------------------ stand-ins and shared results
+TRUE_WORDS = ("true", "1", "yes", "y", "t")
+
+
+def stand_ins(results: pd.DataFrame) -> list[str]:
+    """Models whose rows say ``stand_in`` (a bool, or true/1/yes as text); none without the column."""
+    if "stand_in" not in results.columns:
+        return []
+    flag = results["stand_in"].map(lambda v: False if v is None or (isinstance(v, float) and math.isnan(v))
+                                   else (bool(v) if isinstance(v, (bool, np.bool_, int, np.integer, float))
+                                         else str(v).strip().lower() in TRUE_WORDS))
+    return sorted({str(m) for m in results.loc[flag.astype(bool), "model"]})
+
+
+def shared_groups(results: pd.DataFrame, regime: str, dataset: str | None = None) -> list[list[str]]:
+    """Groups of models whose results in ``regime`` (on ``dataset``, or on any dataset) are one run:
+    rows with the same non-empty ``run_id``. Groups chain (A shares with B on one dataset, B with C on
+    another: one group). Every model of the regime is in exactly one group; singletons included, each
+    group in ``model_order``."""
+    df = results[results["regime"] == regime]
+    if dataset is not None:
+        df = df[df["dataset"] == dataset]
+    order = [m for m in model_order(results) if m in set(df["model"].astype(str))]
+    parent = {m: m for m in order}
+
+    def root(m: str) -> str:
+        while parent[m] != m:
+            parent[m] = parent[parent[m]]
+            m = parent[m]
+        return m
+
+    if "run_id" in df.columns:
+        ids = df["run_id"].map(lambda v: v.strip() if isinstance(v, str) else "")
+        for _, g in df[ids != ""].groupby(ids[ids != ""], sort=False):
+            members = [str(m) for m in g["model"]]
+            for m in members[1:]:
+                a, b = root(members[0]), root(m)
+                if a != b:
+                    parent[b] = a
+    groups: dict[str, list[str]] = {}
+    for m in order:
+        groups.setdefault(root(m), []).append(m)
+    return list(groups.values())
+
+
+def point_label(members: Sequence[str]) -> str:
+    """One point's label: its model, or the models sharing it (``a = b = c``)."""
+    return " = ".join(members)
+
+
+def collapse_shared(block: pd.DataFrame, source: pd.Series, groups: Sequence[Sequence[str]]
+                    ) -> tuple[pd.DataFrame, pd.Series, dict[str, list[str]]]:
+    """One row per group of ``block``'s models (models × datasets): the group's mean row (identical rows
+    when the members share every result) at the mean of the members' source top-1. Groups are cut to
+    the models in ``block``. Returns (points × datasets, x per point, point label → members)."""
+    rows, xs, members = [], [], {}
+    for g in groups:
+        g = [m for m in g if m in block.index]
+        if not g:
+            continue
+        label = point_label(g)
+        rows.append(block.loc[g].mean(axis=0).rename(label))
+        xs.append(float(source[g].mean()))
+        members[label] = list(g)
+    out = pd.DataFrame(rows, columns=block.columns)
+    return out, pd.Series(xs, index=out.index, dtype=float, name="source_top1"), members
+
+
 # ------------------------------------------------------------------ correlations
 @dataclass(frozen=True)
 class Correlation:
@@ -224,42 +298,70 @@ def correlate(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, 
                        confidence, n_boot)
 
 
+def _regime_headline(results: pd.DataFrame, regime: str, src: pd.Series, leave_out: Sequence[str], *,
+                     n_boot: int, confidence: float, seed: int) -> dict[str, Any]:
+    mat = value_matrix(results, regime)
+    no_src = [m for m in mat.index if math.isnan(src.get(m, math.nan))]
+    block, drop_m, drop_d = complete_block(mat.drop(index=[m for m in mat.index if m in no_src or m in leave_out]))
+    points, x, members = collapse_shared(block, src, shared_groups(results, regime))
+    mean = points.mean(axis=1)
+    c = correlate(x.to_numpy(), mean.to_numpy(), n_boot=n_boot, confidence=confidence, seed=seed)
+    return {"r": c.r, "ci": (c.ci_low, c.ci_high), "p": c.p, "rho": c.rho, "rho_p": c.rho_p,
+            "n_models": c.n, "n_entries": block.shape[0], "n_datasets": block.shape[1], "confidence": confidence,
+            "models": [str(m) for m in block.index], "datasets": [str(d) for d in block.columns],
+            "points": {label: {"members": ms, "source_top1": float(x[label]), "mean_log_odds": float(mean[label])}
+                       for label, ms in members.items()},
+            "shared": {label: ms for label, ms in members.items() if len(ms) > 1},
+            "excluded_models": {**{m: "no source top-1" for m in no_src},
+                                **{m: "missing results" for m in drop_m}},
+            "excluded_datasets": {d: "missing results" for d in drop_d}}
+
+
 def headline(results: pd.DataFrame, *, n_boot: int = 10_000, confidence: float = 0.95,
              seed: int = 0) -> dict[str, dict[str, Any]]:
     """Per regime: r between source top-1 and mean log-odds transfer accuracy, its bootstrap CI,
-    Spearman ρ, the p-values, the model/dataset counts and what the complete block left out."""
+    Spearman ρ, the p-values, the counts and what the complete block left out. ``n_models`` counts
+    points (a shared result once; ``n_entries`` counts model entries), ``points`` maps each point to its
+    members, ``shared`` lists the points several entries share. When the table has stand-ins,
+    ``without_stand_ins`` holds the same analysis without them (``stand_ins`` names them)."""
     src = source_top1_by_model(results)
+    subs = stand_ins(results)
     out: dict[str, dict[str, Any]] = {}
     for regime in regimes_in(results):
-        mat = value_matrix(results, regime)
-        no_src = [m for m in mat.index if math.isnan(src.get(m, math.nan))]
-        block, drop_m, drop_d = complete_block(mat.drop(index=no_src))
-        mean = block.mean(axis=1)
-        c = correlate(src[mean.index].to_numpy(), mean.to_numpy(), n_boot=n_boot, confidence=confidence, seed=seed)
-        out[regime] = {"r": c.r, "ci": (c.ci_low, c.ci_high), "p": c.p, "rho": c.rho, "rho_p": c.rho_p,
-                       "n_models": c.n, "n_datasets": block.shape[1], "confidence": confidence,
-                       "models": [str(m) for m in block.index], "datasets": [str(d) for d in block.columns],
-                       "excluded_models": {**{m: "no source top-1" for m in no_src},
-                                           **{m: "missing results" for m in drop_m}},
-                       "excluded_datasets": {d: "missing results" for d in drop_d}}
+        h = _regime_headline(results, regime, src, (), n_boot=n_boot, confidence=confidence, seed=seed)
+        h["stand_ins"] = [m for m in h["models"] if m in subs]
+        if subs:
+            h["without_stand_ins"] = _regime_headline(results, regime, src, subs, n_boot=n_boot,
+                                                      confidence=confidence, seed=seed)
+        out[regime] = h
     return out
 
 
 def per_dataset_correlations(results: pd.DataFrame, *, n_boot: int = 2_000, confidence: float = 0.95,
                              seed: int = 0) -> pd.DataFrame:
     """Per regime and dataset: r (with bootstrap CI) and ρ between source top-1 and log-odds accuracy,
-    over the models that have both."""
+    over the models that have both, a shared result counted once (``n_models`` counts points); when the
+    table has stand-ins, ``r_without_stand_ins`` (and its ``n``) leaves them out."""
     src = source_top1_by_model(results)
+    subs = stand_ins(results)
     rows = []
     for regime in regimes_in(results):
         mat = value_matrix(results, regime)
         for ds in mat.columns:
-            y = mat[ds]
-            c = correlate(src[y.index].to_numpy(), y.to_numpy(), n_boot=n_boot, confidence=confidence, seed=seed)
-            rows.append({"regime": regime, "dataset": ds, "r": c.r, "ci_low": c.ci_low, "ci_high": c.ci_high,
-                         "p": c.p, "rho": c.rho, "rho_p": c.rho_p, "n_models": c.n})
-    return pd.DataFrame(rows, columns=["regime", "dataset", "r", "ci_low", "ci_high", "p", "rho", "rho_p",
-                                       "n_models"])
+            col = mat[[ds]].dropna()
+            col = col[src.reindex(col.index).notna()]
+            groups = shared_groups(results, regime, ds)
+            pts, x, _ = collapse_shared(col, src, groups)
+            c = correlate(x.to_numpy(), pts[ds].to_numpy(), n_boot=n_boot, confidence=confidence, seed=seed)
+            row = {"regime": regime, "dataset": ds, "r": c.r, "ci_low": c.ci_low, "ci_high": c.ci_high,
+                   "p": c.p, "rho": c.rho, "rho_p": c.rho_p, "n_models": c.n}
+            if subs:
+                pts2, x2, _ = collapse_shared(col.drop(index=[m for m in subs if m in col.index]), src, groups)
+                c2 = correlate(x2.to_numpy(), pts2[ds].to_numpy(), n_boot=0)
+                row.update(r_without_stand_ins=c2.r, n_without_stand_ins=c2.n)
+            rows.append(row)
+    cols = ["regime", "dataset", "r", "ci_low", "ci_high", "p", "rho", "rho_p", "n_models"]
+    return pd.DataFrame(rows, columns=cols + (["r_without_stand_ins", "n_without_stand_ins"] if subs else []))
 
 
 def fit_line(x: np.ndarray, y: np.ndarray, grid: np.ndarray, confidence: float = 0.95

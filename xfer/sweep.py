@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Sequence
+from typing import IO, Any, Mapping, Sequence
 
 import numpy as np
 
@@ -83,13 +83,19 @@ def execute_trial(trial: TrialSpec, layout: StorageLayout, *, download: bool, re
 
 def execute_batch(jobs: Sequence[tuple[TrialSpec, Sequence[ModelSpec]]], layout: StorageLayout, *,
                   download: bool) -> dict[str, Any]:
-    """Run one path group (``Regime.path_group``) in one task: the regime solves them together
-    (``run_trials``); each trial keeps its own result entry, key and MLflow run."""
-    from xfer.regimes import run_trials
+    """Run a batch in one task: a path group (``Regime.path_group``), solved together by the regime
+    (``run_trials``), or a few cheap trials of one cell, back to back (each in its own work folder);
+    each trial keeps its own result entry, key and MLflow run."""
+    from xfer.regimes import REGIMES, run_trial, run_trials
 
     trials = [t for t, _ in jobs]
-    ctx = RunContext(layout=layout, download=download, work_dir=layout.work_dir(trials[0].key))
-    records = run_trials(trials, ctx)
+    if REGIMES.get(trials[0].regime).path_axis is None:
+        contexts = [RunContext(layout=layout, download=download, work_dir=layout.work_dir(t.key)) for t in trials]
+        records = [run_trial(t, c) for t, c in zip(trials, contexts)]
+        ctx = contexts[0]
+    else:
+        ctx = RunContext(layout=layout, download=download, work_dir=layout.work_dir(trials[0].key))
+        records = run_trials(trials, ctx)
     entries = [_entry(t, r, ctx, shared) for (t, shared), r in zip(jobs, records)]
     best = max((r.objective() or 0.0 for r in records), default=0.0)
     return {writer.FINAL: True, writer.STEP: 0, writer.BATCH: json.dumps(entries), writer.OBJECTIVE: best}
@@ -119,23 +125,32 @@ def _trainable(config: dict[str, Any], *, storage: str, data_root: str, download
     tune.report(execute_trial(trial, layout, download=download, report=report, shared=shared))
 
 
-def trial_configs(trials: Sequence[TrialSpec], batch: bool = True) -> list[dict[str, Any]]:
+def trial_configs(trials: Sequence[TrialSpec], batch: bool = True,
+                  per_task: Mapping[str, int] | None = None) -> list[dict[str, Any]]:
     """The Ray configs' trial dicts: one per distinct key, in first-appearance order; model entries whose
     trial has the same key (a regime whose identity ignores the weights) ride along under
-    ``shared_models``; with ``batch``, the trials of one path group (e.g. a cell's λ grid) become one
-    config that lists them under ``xfer_batch``."""
+    ``shared_models``. With ``batch``, several trials become one config that lists them under
+    ``xfer_batch``: the trials of one path group (e.g. a cell's λ grid, solved together), and up to
+    ``per_task[regime]`` trials of one cell of a regime without a path (run back to back)."""
     from xfer.regimes import REGIMES
 
     by_key: dict[str, list[TrialSpec]] = {}
     for t in trials:
         by_key.setdefault(t.key, []).append(t)
-    groups: dict[str, list[dict[str, Any]]] = {}
+    groups: dict[Any, list[dict[str, Any]]] = {}
+    chunk: dict[Any, int] = {}  # a cell's current chunk number, for trials_per_task
     for ts in by_key.values():
         d = ts[0].to_dict()
         others = [t.model.to_dict() for t in ts[1:] if t.model.name != ts[0].model.name]
         if others:
             d[SHARED] = others
-        group = REGIMES.get(ts[0].regime).path_group(ts[0]) if batch else None
+        group: Any = REGIMES.get(ts[0].regime).path_group(ts[0]) if batch else None
+        n = (per_task or {}).get(ts[0].regime, 1) if batch else 1
+        if group is None and n > 1:
+            cell = (ts[0].cell, ts[0].stage)
+            if len(groups.get((cell, chunk.get(cell, 0)), ())) >= n:
+                chunk[cell] = chunk.get(cell, 0) + 1
+            group = (cell, chunk.get(cell, 0))
         groups.setdefault(group or ts[0].key, []).append(d)
     return [ds[0] if len(ds) == 1 else {**ds[0], writer.BATCH: ds} for ds in groups.values()]
 
@@ -191,7 +206,8 @@ def _resources(spec: SweepSpec):
     from ray import tune
 
     def for_config(config: dict[str, Any]):
-        res = spec.resources_for(config["trial"]["regime"])
+        trial = config["trial"]
+        res = spec.resources_for(trial["regime"], (trial.get("model") or {}).get("name"))
         bundle = {"CPU": float(res["cpu"])}
         if res["gpu"]:
             bundle["GPU"] = float(res["gpu"])
@@ -295,7 +311,7 @@ def run_stage(stage: str, trials: Sequence[TrialSpec], *, spec: SweepSpec, paths
     already has as finished/diverged; ``resume`` restores the stage's Tune experiment instead."""
     from ray import tune
 
-    from xfer import tracking
+    from xfer import select, tracking
     from xfer.progress import ProgressCallback
 
     _quiet_ray_tune()
@@ -331,7 +347,7 @@ def run_stage(stage: str, trials: Sequence[TrialSpec], *, spec: SweepSpec, paths
         # this invocation has its own parent run and progress view. No public setter exists.
         tuner._local_tuner._run_config.callbacks = callbacks  # noqa: SLF001
     else:
-        tuner = tune.Tuner(trainable, param_space={"trial": tune.grid_search(trial_configs(todo))},
+        tuner = tune.Tuner(trainable, param_space={"trial": tune.grid_search(trial_configs(todo, per_task=spec.trials_per_task))},
                            tune_config=_tune_config(spec, max_concurrent),
                            run_config=_run_config(exp_name, paths, callbacks))
     statuses = _fit(tuner, stage, spec, count={t.key for t in todo})
@@ -349,7 +365,7 @@ def run_search(trials: Sequence[TrialSpec], *, spec: SweepSpec, paths: StorageLa
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    from xfer import tracking
+    from xfer import select, tracking
     from xfer.progress import ProgressCallback
 
     _quiet_ray_tune()
@@ -358,8 +374,8 @@ def run_search(trials: Sequence[TrialSpec], *, spec: SweepSpec, paths: StorageLa
     n, seed = int(spec.search["num_samples"]), int(spec.search.get("seed", 0))
     done = tracking.finished_keys(tracker.uri, tracker.experiment_name, "grid")
     cells: dict[tuple, list[TrialSpec]] = {}
-    for t in trials:
-        cells.setdefault(t.cell + (t.seed,), []).append(t)
+    for t in trials:  # a cell axis (schedule, training-set size) is part of the cell, never searched over
+        cells.setdefault(select.cell_of(t) + (t.seed,), []).append(t)
     todo = {c: max(0, min(n, len(ts)) - sum(t.key in done for t in ts)) for c, ts in cells.items()}
     total, left = sum(min(n, len(ts)) for ts in cells.values()), sum(todo.values())
     print(f"grid (optuna, {n} per cell): {total} trials — {total - left} done, {left} to run", file=out, flush=True)
@@ -371,7 +387,8 @@ def run_search(trials: Sequence[TrialSpec], *, spec: SweepSpec, paths: StorageLa
             continue
         base = ts[0]
         space = {"trial": trial_configs([base])[0],
-                 **{axis: tune.choice(sorted({t.hparams[axis] for t in ts})) for axis in base.hparams}}
+                 **{axis: tune.choice(sorted({t.hparams[axis] for t in ts})) for axis in base.hparams
+                    if axis not in dict(select.cell_point(base.regime, base.hparams))}}
         searcher = OptunaSearch(metric="xfer_objective", mode="max", seed=seed)
         tuner = tune.Tuner(
             trainable, param_space=space,
@@ -404,11 +421,13 @@ def run_features(trials: Sequence[TrialSpec], *, spec: SweepSpec, paths: Storage
             need.setdefault("|".join(keys), t)
     if not need:
         return 0
-    res = spec.resources_for(next(iter(need.values())).regime)
-    task = ray.remote(num_cpus=res["cpu"], num_gpus=res["gpu"], max_retries=1)(_compute_features)
+    task = ray.remote(max_retries=1)(_compute_features)
     print(f"features: computing {len(need)} frozen-feature sets", file=out, flush=True)
-    refs = [task.remote(t.to_dict(), str(paths.storage), str(paths.data_root), spec.download, tuple(spec.plugins))
-            for t in need.values()]
+    refs = []
+    for t in need.values():  # each on its model's resources (a small model can take a GPU fraction)
+        res = spec.resources_for(t.regime, t.model.name)
+        refs.append(task.options(num_cpus=res["cpu"], num_gpus=res["gpu"]).remote(
+            t.to_dict(), str(paths.storage), str(paths.data_root), spec.download, tuple(spec.plugins)))
     for i, ref in enumerate(refs, 1):
         ray.get(ref)
         print(f"[features {i}/{len(refs)}] done", file=out, flush=True)

@@ -16,25 +16,41 @@ from xfer.hashing import stable_hash
 from xfer.timm_names import preprocessing
 
 PROTOCOL_VERSION = "1"
+# The one rule for every new classification head (applied by xfer.models.load_backbone): weights and
+# biases start at zero. The key of every trial that trains a head hashes it, so trials made under
+# another head rule are never reused as if they were this protocol's.
+HEAD_INIT = "zeros"
 WEIGHT_SOURCES = ("hub", "random", "pretrain", "file")
 
 
 @dataclass(frozen=True)
 class KeyRule:
-    """What a trial's key hashes: the model fields in ``model`` (of ``ModelSpec.key_fields``) and
-    every option except ``ignore_options`` (observation cadence: logging more often re-runs nothing)."""
+    """What a trial's key hashes: the model fields in ``model`` (of ``ModelSpec.key_fields``), every
+    option except ``ignore_options`` (observation cadence: logging more often re-runs nothing),
+    ``head_init`` for a regime that trains a new head (None: it trains none, e.g. the linear probe), and
+    every hyper-parameter except one at its value in ``hparam_defaults`` (an axis added later whose
+    default reproduces the trials that existed before it: they keep their keys)."""
 
     model: tuple[str, ...] = ("name", "arch", "weights", "input_size")
     ignore_options: tuple[str, ...] = ("checkpoint_every", "eval_every", "log_every")
+    head_init: str | None = HEAD_INIT
+    hparam_defaults: tuple[tuple[str, float], ...] = ()
 
-    def to_dict(self) -> dict[str, list[str]]:
-        return {"model": list(self.model), "ignore_options": list(self.ignore_options)}
+    def hashed_hparams(self, hparams: Mapping[str, float]) -> dict[str, float]:
+        defaults = dict(self.hparam_defaults)
+        return {k: v for k, v in hparams.items() if not (k in defaults and v == defaults[k])}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": list(self.model), "ignore_options": list(self.ignore_options), "head_init": self.head_init,
+                "hparam_defaults": [list(p) for p in self.hparam_defaults]}
 
     @staticmethod
     def from_dict(d: Mapping[str, Any] | None) -> "KeyRule":
         if not d:
             return DEFAULT_KEY_RULE
-        return KeyRule(model=tuple(d["model"]), ignore_options=tuple(d["ignore_options"]))
+        return KeyRule(model=tuple(d["model"]), ignore_options=tuple(d["ignore_options"]),
+                       head_init=d.get("head_init", HEAD_INIT),
+                       hparam_defaults=tuple((str(k), float(v)) for k, v in d.get("hparam_defaults", ())))
 
 
 DEFAULT_KEY_RULE = KeyRule()
@@ -65,7 +81,10 @@ class ModelSpec:
     pretrain: PretrainSpec | None = None
     source_top1: float | None = None  # overrides the shipped table / the measured value
     input_size: int | None = None  # overrides the pretrained config's input size
-    paper_name: str | None = None  # the paper model this stands for, for reports
+    paper_name: str | None = None  # the paper model this entry is named for, for reports
+    # other weights run under ``paper_name`` (timm lacks the paper's); None: the shipped table decides
+    # (``xfer.source_accuracy.is_stand_in``). Never part of a key: it changes what a row means, not the result.
+    stand_in: bool | None = None
 
     def pretrain_trial(self) -> "TrialSpec":
         if self.pretrain is None:
@@ -150,12 +169,15 @@ class TrialSpec:
 
     @property
     def key(self) -> str:
-        return stable_hash({
+        parts = {
             "model": self.model.key_fields(self.key_rule.model), "dataset": self.dataset.key_fields(),
-            "regime": self.regime, "hparams": dict(self.hparams),
+            "regime": self.regime, "hparams": self.key_rule.hashed_hparams(self.hparams),
             "options": {k: v for k, v in self.options.items() if k not in self.key_rule.ignore_options},
             "seed": self.seed, "stage": self.stage, "protocol": PROTOCOL_VERSION,
-        })
+        }
+        if self.key_rule.head_init is not None:  # absent for head-less regimes: their keys stay as they were
+            parts["head_init"] = self.key_rule.head_init
+        return stable_hash(parts)
 
     @property
     def cell(self) -> tuple[str, str, str]:

@@ -48,7 +48,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from xfer.data.registry import DATASETS, DatasetEntry, DatasetNotFoundError
+from xfer.data.registry import DATASETS, DatasetEntry, DatasetNotFoundError, PaperSplits
 from xfer.data.base import DatasetInfo
 from xfer.data.splits import Part, SplitDataset, heldout_parts
 
@@ -489,4 +489,5 @@ DATASETS.add("birdsnap", DatasetEntry(
     builder=build_birdsnap,
     option_help={"manifest": "CSV with columns path,label,split (default <data_root>/birdsnap/manifest.csv)",
                  **_FILE_HELP},
+    paper=PaperSplits(500, 47_386, 2_443),
 ))

@@ -4,7 +4,11 @@ torchvision finds, checks and (with ``download=True``) fetches the files under `
 layout, so an existing torchvision data folder works as is. We take the file lists and labels it
 parsed and apply the paper's split rule (README: Protocol notes) ourselves: held-out validation is a seeded,
 stratified 20% of train; "official" uses the dataset's own val; Caltech-101 takes 30 random images
-per class for train (val held out from those) and tests on the rest. Images are loaded by
+per class for train (val held out from those) and tests on the rest; SUN397 needs its official
+partition files (not in the image archive; a random split only on request, ``random_split``); VOC 2007
+marks a class an image holds only as "difficult" objects as ``metrics.IGNORE``, which ``map11`` leaves
+out as the devkit does. Each entry ships the published class count and split sizes (``PaperSplits``),
+which ``xfer datasets`` prints and a default build is checked against. Images are loaded by
 ``folder.load_rgb`` so a corrupt file is reported by name (``BadImageError``, at first read: these
 folders are large and come from a checked archive, so there is no build-time image pass). A missing
 dataset is a ``DatasetNotFoundError`` naming the path torchvision expected and how to get the files
@@ -22,10 +26,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from xfer.data.registry import DATASETS, DatasetEntry, DatasetNotFoundError
+from xfer.data.registry import DATASETS, DatasetEntry, DatasetNotFoundError, PaperSplits
 from xfer.data.base import DatasetInfo
 from xfer.data.folder import BadDataError, FileImages, load_rgb
 from xfer.data.splits import ArrayPool, Part, SplitDataset, heldout_parts, per_class_sample, stratified_holdout
+from xfer.metrics import IGNORE
 
 log = logging.getLogger(__name__)
 
@@ -229,47 +234,70 @@ def _caltech101(name: str, root: Path, download: bool, opts: Mapping[str, Any]) 
     return Loaded(pools, parts, classes, rule, expected_classes=102 if opts["background"] else 101)
 
 
-def _sun_partition_dir(root: Path, data_dir: Path) -> Path | None:
-    for cand in (data_dir / "Partitions", root / "Partitions", root / "SUN397_Partitions"):
-        if cand.is_dir():
-            return cand
+SUN_PARTITIONS_URL = "https://vision.princeton.edu/projects/2010/SUN/download/Partitions.zip"
+SUN_PER_CLASS = 50  # images per class in each of the official partitions' train and test lists
+
+
+def _sun_partition_files(root: Path, data_dir: Path, p: int) -> tuple[Path, Path] | None:
+    """``(Training_0p.txt, Testing_0p.txt)`` from the first place Partitions.zip may have been unpacked."""
+    names = (f"Training_{p:02d}.txt", f"Testing_{p:02d}.txt")
+    for cand in (data_dir / "Partitions", data_dir, root / "Partitions", root / "SUN397_Partitions"):
+        if all((cand / n).is_file() for n in names):
+            return cand / names[0], cand / names[1]
     return None
 
 
 def _sun397(name: str, root: Path, download: bool, opts: Mapping[str, Any]) -> Loaded:
+    """SUN397 split ``partition`` from the official partition files; they are not in the image archive
+    (torchvision downloads only that), so without them this is an error saying where to put them. A
+    seeded random 50 + 50 per class is used only when the spec asks for it (``random_split: true``);
+    the choice is in the split rule, hence in the fingerprint and the trial key, and logged."""
+    p = opts["partition"]
+    if not 1 <= p <= 10:
+        raise ValueError(f"dataset {name!r} option 'partition' must be 1..10, got {p!r}")
     ds = _open(torchvision.datasets.SUN397, name, root, download, "{root}/SUN397")
     data_dir = Path(_attr(ds, "_data_dir"))
     rows = sorted(zip(map(str, _attr(ds, "_image_files")), _attr(ds, "_labels")))  # rglob order is not stable
     pool = FileImages([r[0] for r in rows], [r[1] for r in rows])
     y = pool.targets
-    p = opts["partition"]
-    if not 1 <= p <= 10:
-        raise ValueError(f"dataset {name!r} option 'partition' must be 1..10, got {p!r}")
-    pdir = _sun_partition_dir(root, data_dir)
-    if pdir is not None and (pdir / f"Training_{p:02d}.txt").is_file():
+    seed = opts["split_seed"]
+    files = _sun_partition_files(root, data_dir, p)
+    rule: dict[str, Any]
+    if opts["random_split"]:
+        log.warning("sun397: random split (the spec's `random_split: true`): a seeded random %d train + %d test "
+                    "images per class (seed %d), not the official partition %d; results are not comparable "
+                    "with the paper's", SUN_PER_CLASS, SUN_PER_CLASS, seed, p)
+        train_all, rest = per_class_sample(y, SUN_PER_CLASS, seed)
+        sub, _ = per_class_sample(y[rest], SUN_PER_CLASS, seed + 1)
+        test = rest[sub]
+        rule = {"split": "random", "per_class": f"{SUN_PER_CLASS} train + {SUN_PER_CLASS} test", "seed": seed}
+    elif files is None:
+        raise DatasetNotFoundError(
+            f"{name}: the official partition files Training_{p:02d}.txt and Testing_{p:02d}.txt are not in "
+            f"{data_dir / 'Partitions'} (nor in {data_dir}, {root / 'Partitions'}, {root / 'SUN397_Partitions'}); "
+            f"they are not part of the image archive: download Partitions.zip from the SUN database "
+            f"({SUN_PARTITIONS_URL}) and unpack it there (mkdir -p {data_dir / 'Partitions'} && unzip -j "
+            f"Partitions.zip -d {data_dir / 'Partitions'}), or set the dataset option `random_split: true` "
+            f"for a seeded random {SUN_PER_CLASS} + {SUN_PER_CLASS} images per class (not the paper's split)")
+    else:
         where = {f: i for i, f in enumerate(pool.files)}
         picked = {}
-        for split, fname in (("train", f"Training_{p:02d}.txt"), ("test", f"Testing_{p:02d}.txt")):
+        for split, path in zip(("train", "test"), files):
             idx = []
-            for line in (pdir / fname).read_text().split():
+            for line in path.read_text().split():
                 f = str(data_dir / line.strip().lstrip("/"))
                 if f not in where:
-                    raise DatasetNotFoundError(f"{name}: {pdir / fname} lists {line} but {f} is not in the dataset")
+                    raise DatasetNotFoundError(f"{name}: {path} lists {line} but {f} is not in the dataset")
                 idx.append(where[f])
             picked[split] = np.sort(np.asarray(idx, dtype=np.int64))
+        if np.intersect1d(picked["train"], picked["test"]).size:
+            raise BadDataError(f"{name}: {files[0].name} and {files[1].name} share images; restore them from "
+                               f"Partitions.zip ({SUN_PARTITIONS_URL})")
         train_all, test = picked["train"], picked["test"]
-        rule: dict[str, Any] = {"partition": p}
-    else:
-        log.warning("sun397: no Partitions/Training_%02d.txt under %s or %s; sampling 50 train + 50 test images per "
-                    "class instead (the official split 1 is 50/50 per class: unpack Partitions.zip from the SUN "
-                    "website there to use it)", p, data_dir, root)
-        train_all, rest = per_class_sample(y, 50, opts["split_seed"])
-        sub, _ = per_class_sample(y[rest], 50, opts["split_seed"] + 1)
-        test = rest[sub]
-        rule = {"sampled": "50 train + 50 test per class", "seed": opts["split_seed"]}
-    tr, va = stratified_holdout(y[train_all], opts["val_fraction"], opts["split_seed"])
+        rule = {"split": "official", "partition": p}
+    tr, va = stratified_holdout(y[train_all], opts["val_fraction"], seed)
     parts = {"train": [Part("all", train_all[tr])], "val": [Part("all", train_all[va])], "test": [Part("all", test)]}
-    rule.update(val="heldout", fraction=opts["val_fraction"], seed=opts["split_seed"])
+    rule.update(val="heldout", fraction=opts["val_fraction"], seed=seed)
     return Loaded({"all": pool}, parts, list(ds.classes), rule)
 
 
@@ -282,12 +310,26 @@ def _parse_xml(path: str) -> Any:
     return parse(path).getroot()
 
 
-class VOCClassification(Dataset):
-    """VOC images with 20-class multi-hot targets read from the detection XML annotations."""
+# the target of a class an image holds only as "difficult" objects, per the `difficult` option
+VOC_DIFFICULT = {
+    "ignore": IGNORE,  # the devkit: neither positive nor negative (map11 leaves the pair out)
+    "positive": 1.0,  # counted as present (tfds `labels`)
+    "negative": 0.0,  # counted as absent (tfds `labels_no_difficult`)
+}
 
-    def __init__(self, images: list[str], annotations: list[str], difficult: bool) -> None:
+
+class VOCClassification(Dataset):
+    """VOC images with 20-class multi-hot targets read from the detection XML annotations.
+
+    A class with a non-difficult object in the image is 1; a class present only as objects marked
+    "difficult" gets ``VOC_DIFFICULT[difficult]`` (by default ``IGNORE``: the devkit's label 0 in
+    ``ImageSets/Main/<class>_<set>.txt``); any other class is 0.
+    """
+
+    def __init__(self, images: list[str], annotations: list[str], difficult: str) -> None:
         self.images = images
         index = {c: i for i, c in enumerate(VOC_CLASSES)}
+        hard_value = VOC_DIFFICULT[difficult]
         self.targets = np.zeros((len(images), len(VOC_CLASSES)), dtype=np.float32)
         for row, ann in enumerate(annotations):
             if not os.path.isfile(ann):
@@ -297,13 +339,17 @@ class VOCClassification(Dataset):
             except Exception as e:  # ParseError and defusedxml's errors share no base class
                 raise BadDataError(f"voc2007: cannot parse annotation {ann} ({' '.join(str(e).split())}); the "
                                    "file is corrupt: restore it from the VOC 2007 archive") from None
+            clear: set[int] = set()
+            hard: set[int] = set()
             for obj in xml.iter("object"):
                 cls = (obj.findtext("name") or "").strip()
                 if cls not in index:
                     raise ValueError(f"voc2007: {ann} has an object of unknown class {cls!r}; "
                                      f"valid: {', '.join(VOC_CLASSES)}")
-                if difficult or (obj.findtext("difficult") or "0").strip() != "1":
-                    self.targets[row, index[cls]] = 1.0
+                is_hard = (obj.findtext("difficult") or "0").strip() == "1"
+                (hard if is_hard else clear).add(index[cls])
+            self.targets[row, sorted(hard - clear)] = hard_value
+            self.targets[row, sorted(clear)] = 1.0
 
     def __len__(self) -> int:
         return len(self.images)
@@ -350,40 +396,54 @@ HELDOUT = {"val_fraction": 0.2, "split_seed": 0}
 HELDOUT_HELP = {"val_fraction": "fraction of each class held out from train as validation",
                 "split_seed": "seed of the held-out validation split (fixed across trial seeds)"}
 
-# name: (classes, metric, val_rule, loader, options, description)
-_TABLE: dict[str, tuple[int, str, str, Callable[..., Loaded], dict[str, Any], str]] = {
-    "food101": (101, "top1", "heldout", _food101, HELDOUT, "Food-101 (Bossard et al. 2014)"),
-    "cifar10": (10, "top1", "heldout", _cifar("CIFAR10", "{root}/cifar-10-batches-py"),
+# name: (published classes and sizes, metric, val_rule, loader, options, description). The sizes are
+# Kornblith et al. 2019, Table A1 (train+val / test), plus the official validation split where there is one.
+_TABLE: dict[str, tuple[PaperSplits, str, str, Callable[..., Loaded], dict[str, Any], str]] = {
+    "food101": (PaperSplits(101, 75_750, 25_250), "top1", "heldout", _food101, HELDOUT,
+                "Food-101 (Bossard et al. 2014)"),
+    "cifar10": (PaperSplits(10, 50_000, 10_000), "top1", "heldout", _cifar("CIFAR10", "{root}/cifar-10-batches-py"),
                 HELDOUT, "CIFAR-10"),
-    "cifar100": (100, "top1", "heldout", _cifar("CIFAR100", "{root}/cifar-100-python"),
-                 HELDOUT, "CIFAR-100"),
-    "sun397": (397, "top1", "heldout", _sun397, {**HELDOUT, "partition": 1},
+    "cifar100": (PaperSplits(100, 50_000, 10_000), "top1", "heldout",
+                 _cifar("CIFAR100", "{root}/cifar-100-python"), HELDOUT, "CIFAR-100"),
+    "sun397": (PaperSplits(397, 19_850, 19_850), "top1", "heldout", _sun397,
+               {**HELDOUT, "partition": 1, "random_split": False},
                "SUN397 split 1 (Partitions/Training_01, Testing_01)"),
-    "stanford_cars": (196, "top1", "heldout", _stanford_cars, HELDOUT, "Stanford Cars (Krause et al. 2013)"),
-    "fgvc_aircraft": (100, "mean_per_class", "official", _fgvc_aircraft, {},
+    "stanford_cars": (PaperSplits(196, 8_144, 8_041), "top1", "heldout", _stanford_cars, HELDOUT,
+                      "Stanford Cars (Krause et al. 2013)"),
+    "fgvc_aircraft": (PaperSplits(100, 6_667, 3_333, val=3_333), "mean_per_class", "official", _fgvc_aircraft, {},
                       "FGVC Aircraft, variant level (Maji et al. 2013)"),
-    "voc2007": (20, "map11", "official", _voc2007, {"difficult": True},
+    "voc2007": (PaperSplits(20, 5_011, 4_952, val=2_510), "map11", "official", _voc2007, {"difficult": "ignore"},
                 "PASCAL VOC 2007 as 20-class multi-label classification"),
-    "dtd": (47, "top1", "official", _dtd, {"partition": 1}, "Describable Textures, split 1 (Cimpoi et al. 2014)"),
-    "oxford_pets": (37, "mean_per_class", "heldout", _oxford_pets, HELDOUT, "Oxford-IIIT Pets (Parkhi et al. 2012)"),
-    "caltech101": (102, "mean_per_class", "per_class_30", _caltech101,
+    "dtd": (PaperSplits(47, 3_760, 1_880, val=1_880), "top1", "official", _dtd, {"partition": 1},
+            "Describable Textures, split 1 (Cimpoi et al. 2014)"),
+    "oxford_pets": (PaperSplits(37, 3_680, 3_669), "mean_per_class", "heldout", _oxford_pets, HELDOUT,
+                    "Oxford-IIIT Pets (Parkhi et al. 2012)"),
+    "caltech101": (PaperSplits(102, 3_060, 6_084), "mean_per_class", "per_class_30", _caltech101,
                    {"train_per_class": 30, "background": True, **HELDOUT},
                    "Caltech-101 with the background class: 30 random train images per class, the rest test"),
-    "flowers102": (102, "mean_per_class", "official", _flowers102, {}, "Oxford 102 Flowers (Nilsback & Zisserman)"),
+    "flowers102": (PaperSplits(102, 2_040, 6_149, val=1_020), "mean_per_class", "official", _flowers102, {},
+                   "Oxford 102 Flowers (Nilsback & Zisserman)"),
 }
+
+_CHOICES: dict[str, tuple[Any, ...]] = {"difficult": tuple(VOC_DIFFICULT)}
 
 _OPTION_HELP = {
     **HELDOUT_HELP,
     "partition": "which of the dataset's official partitions (1..10; the paper uses 1)",
-    "difficult": "count objects marked 'difficult' as present (tfds `labels`; false: `labels_no_difficult`)",
+    "difficult": "a class an image holds only as 'difficult' objects: ignore (the devkit: neither positive nor "
+                 "negative; map11 leaves it out, training sees a 0.5 target), positive (tfds `labels`) or "
+                 "negative (tfds `labels_no_difficult`)",
+    "random_split": "without the official partition files, sample a seeded random 50 train + 50 test images "
+                    "per class (recorded in the fingerprint; not the paper's split)",
     "train_per_class": "training images sampled per class (the rest are test)",
     "background": "keep BACKGROUND_Google as the 102nd class (the paper's count)",
 }
 
-for _name, (_n, _metric, _rule, _load, _opts, _desc) in _TABLE.items():
+for _name, (_paper, _metric, _rule, _load, _opts, _desc) in _TABLE.items():
     DATASETS.add(_name, DatasetEntry(
-        info=DatasetInfo(name=_name, num_classes=_n, metric=_metric, val_rule=_rule,
+        info=DatasetInfo(name=_name, num_classes=_paper.classes, metric=_metric, val_rule=_rule,
                          multilabel=_name == "voc2007", description=_desc),
         options=dict(_opts), builder=_builder(_load), downloadable=True,
-        option_help={k: _OPTION_HELP[k] for k in _opts},
+        option_help={k: _OPTION_HELP[k] for k in _opts}, paper=_paper,
+        choices={k: v for k, v in _CHOICES.items() if k in _opts},
     ))

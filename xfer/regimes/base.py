@@ -19,7 +19,7 @@ from xfer.contract import RunContext, TrialRecord
 from xfer.hashing import stable_hash
 from xfer.options import OptionError, check_options, is_number
 from xfer.registry import Registry
-from xfer.trial import DEFAULT_KEY_RULE, KeyRule
+from xfer.trial import DEFAULT_KEY_RULE, HEAD_INIT, KeyRule
 
 if TYPE_CHECKING:
     from xfer.trial import TrialSpec
@@ -31,6 +31,12 @@ class Axis:
 
     ``valid``/``rule`` check a value (and say what is valid); ``prefer`` breaks ties between equally
     good configurations in selection (``smaller`` or ``larger`` wins); ``fmt`` prints a value.
+
+    A ``cell`` axis is a condition of the study, not a hyper-parameter: selection never chooses between
+    its values — each value is a cell of its own (e.g. training-set size, schedule length), gets its own
+    best configuration and final trial, and the report plots accuracy against it. A cell axis has a
+    ``default``: what a sweep that does not name the axis runs, the value the main analysis reads, and
+    a value trial keys leave out (so adding the axis re-keys no trial that existed before it).
     """
 
     name: str
@@ -39,10 +45,17 @@ class Axis:
     rule: str = "a finite number"
     prefer: str = "smaller"
     fmt: str = ".3g"
+    cell: bool = False
+    default: float | None = None
 
     def __post_init__(self) -> None:
         if self.prefer not in ("smaller", "larger"):
             raise ValueError(f"axis {self.name}: prefer must be 'smaller' or 'larger', got {self.prefer!r}")
+        if self.cell and (self.default is None or not self.valid(self.default)):
+            raise ValueError(f"axis {self.name}: a cell axis needs a valid default, got {self.default!r}")
+
+    def is_default(self, value: Any) -> bool:
+        return self.default is not None and is_number(value) and float(value) == self.default
 
     def check(self, value: Any, path: str) -> float:
         if not is_number(value) or not self.valid(float(value)):
@@ -81,6 +94,7 @@ class Regime:
     uses_features: bool = False  # reads the feature store (the sweep fills it before the grid)
     grid: bool = True  # False: not a grid regime (pretrain runs from a model's `pretrain:` block)
     model_identity: tuple[str, ...] = DEFAULT_KEY_RULE.model  # model fields its trial key hashes
+    new_head: bool = True  # trains a new classification head: its keys hash the head rule (trial.HEAD_INIT)
     # an axis whose grid values the regime solves together in one task (``run_path``), e.g. the probe's λ
     path_axis: str | None = None
 
@@ -88,6 +102,11 @@ class Regime:
     @property
     def axis_names(self) -> tuple[str, ...]:
         return tuple(a.name for a in self.axes)
+
+    @property
+    def cell_axes(self) -> tuple[Axis, ...]:
+        """The axes whose values are cells of their own (never selected away; see ``Axis``)."""
+        return tuple(a for a in self.axes if a.cell)
 
     def axis(self, name: str) -> Axis:
         for a in self.axes:
@@ -102,7 +121,9 @@ class Regime:
     @property
     def key_rule(self) -> KeyRule:
         return KeyRule(model=tuple(self.model_identity),
-                       ignore_options=tuple(sorted(o.name for o in self.options if not o.affects_result)))
+                       ignore_options=tuple(sorted(o.name for o in self.options if not o.affects_result)),
+                       head_init=HEAD_INIT if self.new_head else None,
+                       hparam_defaults=tuple((a.name, float(a.default)) for a in self.cell_axes))
 
     def check_options(self, raw: Mapping[str, Any], path: str) -> dict[str, Any]:
         """The defaults overlaid with ``raw``; unknown names, wrong kinds and values below an option's
@@ -114,16 +135,18 @@ class Regime:
         return out
 
     def check_hparams(self, hparams: Mapping[str, Any], path: str) -> dict[str, float]:
-        """Exactly this regime's axes, each valid."""
+        """Exactly this regime's axes, each valid; a cell axis that is not given takes its default."""
         extra = sorted(set(hparams) - set(self.axis_names))
-        missing = [a for a in self.axis_names if a not in hparams]
+        missing = [a.name for a in self.axes if a.name not in hparams and a.default is None]
         if extra or missing:
             raise OptionError(f"{path}: regime {self.name!r} takes the hyper-parameters "
                               f"{', '.join(self.axis_names) or '(none)'}; got {', '.join(sorted(hparams)) or 'none'}")
-        return {a.name: a.check(hparams[a.name], f"{path}.{a.name}") for a in self.axes}
+        return {a.name: a.check(hparams.get(a.name, a.default), f"{path}.{a.name}") for a in self.axes}
 
     def describe(self, hparams: Mapping[str, float]) -> str:
-        return " ".join(self.axis(k).format(v) for k, v in hparams.items() if k in self.axis_names)
+        """``lr=0.01 wd=1e-05`` (+ a cell axis when it is not at its default: ``schedule=2``)."""
+        return " ".join(self.axis(k).format(v) for k, v in hparams.items()
+                        if k in self.axis_names and not self.axis(k).is_default(v))
 
     # -- behaviour --------------------------------------------------------------------------------
     def run(self, trial: "TrialSpec", ctx: RunContext) -> TrialRecord:

@@ -10,6 +10,12 @@ network) share one scratch trial.
 Both train on ``splits_for(stage).train`` and report the dataset's metric on ``.eval`` once, after
 training (``eval_every`` > 0 adds periodic validation in grid trials only: the final stage looks at
 test exactly once).
+
+Two *cell* axes (``Axis(cell=True)``: never selected over, each value its own cell) make the paper's
+convergence and data-size views: ``schedule`` multiplies ``steps`` (1×, 2×, 4×: does training from
+scratch catch up given longer? He et al. 2018), and ``train_size`` trains on a class-balanced subset of
+the training split, ``train_size`` images per class, drawn per seed (``xfer.data.subset``; 0: all).
+At their defaults (1, 0) a trial is exactly — and keys exactly as — one without them.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from xfer.contract import Diverged, RunContext, TrialRecord, splits_for
+from xfer.options import OptionError
 from xfer.regimes.base import REGIMES, Axis, Option, Regime, non_negative, positive
 
 if TYPE_CHECKING:
@@ -28,6 +35,18 @@ log = logging.getLogger(__name__)
 LR = Axis("lr", "learning rate (cosine-decayed to 0)", valid=positive, rule="> 0", prefer="smaller")
 WD = Axis("wd", "weight decay (divided by lr before use when wd_over_lr)", valid=non_negative, rule=">= 0",
           prefer="smaller")
+SCHEDULE = Axis("schedule", "schedule length: a multiple of `steps` (cosine decay over the whole of it)",
+                valid=lambda v: 0 < v <= 1000, rule="> 0 (a multiple of steps, e.g. 1, 2, 4)", prefer="smaller",
+                fmt="g", cell=True, default=1.0)
+TRAIN_SIZE = Axis("train_size", "training images per class: a class-balanced subset of the training split, "
+                  "drawn per seed (0: all of it)", valid=lambda v: v >= 0 and float(v).is_integer(),
+                  rule="an integer >= 0 (images per class; 0: the whole training split)", prefer="larger",
+                  fmt="g", cell=True, default=0.0)
+
+
+def schedule_steps(steps: int, schedule: float) -> int:
+    """The steps a trial trains for: ``steps`` × ``schedule``, at least one."""
+    return max(1, int(round(steps * schedule)))
 
 
 def _options(steps: int) -> tuple[Option, ...]:
@@ -47,13 +66,14 @@ class FineTune(Regime):
 
     name = "finetune"
     label = "Fine-tuned"
-    axes = (LR, WD)
+    axes = (LR, WD, SCHEDULE, TRAIN_SIZE)
     options = _options(20000)  # the paper's fine-tuning length
     from_scratch = False
 
     def run(self, trial: "TrialSpec", ctx: RunContext) -> TrialRecord:
         from xfer import engine
         from xfer.data import build_from_ref
+        from xfer.data.subset import class_balanced_subset
         from xfer.models import load_backbone
 
         opts = self.check_options(trial.options, f"regime {self.name} option")
@@ -64,7 +84,15 @@ class FineTune(Regime):
         model_spec = replace(trial.model, weights="random") if self.from_scratch else trial.model
         backbone = load_backbone(model_spec, num_classes=info.num_classes, ctx=ctx, seed=trial.seed)
         fingerprints = {"data": ds.fingerprint(), "weights": backbone.fingerprint}
-        cfg = engine.TrainConfig(steps=opts["steps"], batch_size=opts["batch_size"], lr=hp["lr"], wd=hp["wd"],
+        train_split = ds.split(splits.train)
+        if hp["train_size"]:
+            try:
+                train_split, fingerprints["train_subset"] = class_balanced_subset(
+                    ds, splits.train, int(hp["train_size"]), seed=trial.seed)
+            except ValueError as e:
+                raise OptionError(f"regime {self.name}: train_size: {e}") from None
+        cfg = engine.TrainConfig(steps=schedule_steps(opts["steps"], hp["schedule"]), batch_size=opts["batch_size"],
+                                 lr=hp["lr"], wd=hp["wd"],
                                  wd_over_lr=opts["wd_over_lr"], momentum=opts["momentum"],
                                  checkpoint_every=opts["checkpoint_every"], log_every=opts["log_every"],
                                  eval_every=opts["eval_every"], seed=trial.seed)
@@ -80,7 +108,7 @@ class FineTune(Regime):
         if cfg.eval_every and trial.stage != "grid":
             log.info("eval_every ignored in the %s stage: its evaluation split is looked at once", trial.stage)
         try:
-            outcome = engine.train(backbone.model, ds.split(splits.train), backbone.data_config, cfg, ctx,
+            outcome = engine.train(backbone.model, train_split, backbone.data_config, cfg, ctx,
                                    multilabel=info.multilabel, run_id=trial.key,
                                    periodic_eval=periodic if trial.stage == "grid" else None)
         except Diverged as e:

@@ -35,6 +35,7 @@ class LinearProbe(Regime):
         Option("batch_size", 256, "feature extraction batch", minimum=1),
     )
     uses_features = True
+    new_head = False  # a logistic regression on features, no network head
     path_axis = "l2"  # a sweep solves a cell's λ grid as one warm-started path (xfer.lambda_path)
 
     def run(self, trial: "TrialSpec", ctx: RunContext) -> TrialRecord:
@@ -85,12 +86,12 @@ class LinearProbe(Regime):
                 ctx.report(fit.n_iter, {"train_loss": fit.objective})
             log.info("linear_probe %s/%s λ=%g: %s_%s=%.4f (train loss %.4g, %d L-BFGS iterations%s)",
                      trial.model.name, trial.dataset.display, l2, splits.prefix, train.metric, value, fit.objective,
-                     fit.n_iter, "" if fit.converged else ", not converged")
-            note = "" if fit.converged else (f"L-BFGS used its budget (max_iter={opts['max_iter']}); "
-                                             f"max |grad| {fit.grad_max:.2g} > tol")
+                     fit.n_iter, "" if fit.converged else f", {fit.status}: not converged")
+            # solver_converged (1/0) tags the run, so selection and the report can count stalled fits
             out.append(TrialRecord(status="finished", metric=train.metric, steps_done=fit.n_iter,
-                                   metrics={f"{splits.prefix}_{train.metric}": value, "train_loss": fit.objective},
-                                   scores=scores, targets=targets, fingerprints=dict(fingerprints), message=note))
+                                   metrics={f"{splits.prefix}_{train.metric}": value, "train_loss": fit.objective,
+                                            "solver_converged": float(fit.converged)}, message=fit.note(opts["tol"]),
+                                   scores=scores, targets=targets, fingerprints=dict(fingerprints)))
         return out
 
 

@@ -6,7 +6,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -77,7 +77,7 @@ def load_runs(uri: str, experiment: str) -> "pd.DataFrame":
     exp_id = require_experiment(client, uri, experiment)
     rows = [row for r in iter_trial_runs(client, exp_id) for row in schema.rows(r)]
     df = pd.DataFrame(rows, columns=schema.runs_columns())
-    for c in ["val", "test", "source_top1", "seconds", *all_axis_names()]:
+    for c in ["val", "test", "source_top1", "solver_converged", "seconds", *all_axis_names()]:
         df[c] = df[c].astype(float)
     df["seed"] = df["seed"].astype("Int64")
     df["start_time"] = pd.to_datetime(df["start_time"], utc=True)
@@ -93,6 +93,21 @@ def finished_keys(uri: str, experiment: str, stage: str = "grid") -> set[str]:
         return set()
     runs = runs_by_key(iter_trial_runs(client, exp_id, f"tags.`xfer.stage` = '{stage}'"))
     return {k for k, r in runs.items() if r.data.tags.get(TAG_STATUS) in RESULT_STATUSES}
+
+
+def load_curves(uri: str, metric_by_run: Mapping[str, str]) -> dict[str, list[tuple[int, float]]]:
+    """Per-step history of one metric per run (``{run_id: "val_top1"}``) → ``{run_id: [(step, value), …]}``
+    in step order (one value per step: the last logged). Runs without that metric are left out."""
+    client = _client(uri)
+    out: dict[str, list[tuple[int, float]]] = {}
+    for run_id, key in metric_by_run.items():
+        last: dict[int, tuple[int, float]] = {}
+        for m in client.get_metric_history(run_id, key):
+            if m.step not in last or m.timestamp >= last[m.step][0]:
+                last[int(m.step)] = (m.timestamp, float(m.value))
+        if last:
+            out[run_id] = [(s, v) for s, (_, v) in sorted(last.items())]
+    return out
 
 
 def load_predictions(uri: str, run_id: str) -> tuple[np.ndarray, np.ndarray]:

@@ -47,7 +47,7 @@ TAG_FINGERPRINT = "xfer.fingerprint."
 MLFLOW_STATUS = {"finished": "FINISHED", "diverged": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
 PROVENANCE_PACKAGES = ("xfer", "torch", "torchvision", "timm", "ray", "mlflow")
 BASE_COLUMNS = ["run_id", "trial_key", "model", "dataset", "regime", "stage", "status", "metric", "val", "test",
-                "source_top1", "seed", "seconds", "start_time"]
+                "source_top1", "solver_converged", "seed", "seconds", "start_time"]
 
 MAX_PARAM_LEN = 6000  # MLflow's limits (mlflow.utils.validation)
 MAX_TAG_LEN = 8000
@@ -214,6 +214,7 @@ def rows(run: "Run") -> list[dict[str, Any]]:
         "val": _to_float(metrics.get(f"val_{metric}")) if metric else math.nan,
         "test": _to_float(metrics.get(f"test_{metric}")) if metric else math.nan,
         "source_top1": _to_float(metrics.get("source_top1", params.get("source_top1"))),
+        "solver_converged": _to_float(metrics.get("solver_converged")),  # 1/0 from an iterative fit, else NaN
         "seed": None if seed is None else int(float(seed)), "seconds": _to_float(metrics.get("trial_seconds")),
         "start_time": pd.Timestamp(run.info.start_time, unit="ms", tz="UTC") if run.info.start_time else pd.NaT,
         **{a: _to_float(params.get(a)) for a in all_axis_names()},

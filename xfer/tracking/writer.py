@@ -23,7 +23,7 @@ from ray.tune import Callback
 
 from xfer.contract import TrialRecord
 from xfer.io import sha256_file
-from xfer.tracking import readers, schema  # submodules (the package itself re-exports readers)
+from xfer.tracking import bulk, readers, schema  # submodules (the package itself re-exports readers)
 from xfer.tracking import uri as uri_mod
 from xfer.tracking.schema import (MAX_PARAM_LEN, MAX_TAG_LEN, MLFLOW_STATUS, TAG_ATTEMPT, TAG_FINGERPRINT, TAG_KIND,
                                   TAG_MESSAGE, TAG_METRIC, TAG_MODELS, TAG_PARENT, TAG_STATUS, TAG_SWEEP, chunks,
@@ -362,18 +362,49 @@ class TrackingCallback(Callback):
         """Journal each final result first (durable), then log it; an entry goes once MLflow has it."""
         journal = self.tracker.journal
         unsent = self._unsent.pop(trial.trial_id, [])
-        for entry in final_entries(trial.config, result):
+        entries = final_entries(trial.config, result)
+        for entry in entries:
             entry.update(ray_trial_id=trial.trial_id, unsent=unsent, run_id=self._runs.get(trial.trial_id)
                          if not is_batch(trial.config) else None)
-            if journal is not None:
-                journal.put(entry)
-            if self._guard(self._write_entry, entry, ok=True) is not None:
-                if journal is not None:
-                    journal.remove(entry["key"])
-            elif journal is None:
+        for entry in entries if journal is not None else ():
+            journal.put(entry)
+        if self._guard(self._write_entries, entries, ok=True) is not None:
+            for entry in entries if journal is not None else ():
+                journal.remove(entry["key"])
+        elif journal is None:
+            for entry in entries:
                 log.error("trial %s: result not logged and no journal to keep it (%s)", entry["key"], entry["record"])
         self._open.discard(trial.trial_id)  # its results are logged or safe in the journal
         self._finished.add(trial.trial_id)
+
+    def _write_entries(self, entries: list[Mapping[str, Any]]) -> None:
+        """Log finished results: the ones with no run yet in bulk (``xfer.tracking.bulk``: one transaction
+        on a SQL store), the others (a run to reuse, artifacts to upload) one by one."""
+        fresh = [e for e in entries if not e.get("run_id") and self.tracker.lookup(e["key"]) is None
+                 and not TrialRecord.from_json(json.loads(e["record"])).artifacts]
+        fresh_keys = {e["key"] for e in fresh}
+        if fresh:
+            news = [self._new_run(e) for e in fresh]
+            for e, run_id, new in zip(fresh, bulk.create_runs(self.client, self.tracker.experiment_id, news), news):
+                self.tracker.remember(e["key"], run_id, new.tags[TAG_STATUS])
+        for entry in entries:
+            if entry["key"] not in fresh_keys:
+                self._write_entry(entry)
+
+    def _new_run(self, entry: Mapping[str, Any]) -> "bulk.NewRun":
+        """A finished result as a complete new run: the tags, params and metrics ``_open_run`` and
+        ``_finish`` would write."""
+        spec = TrialSpec.from_dict(entry["trial"])
+        record = TrialRecord.from_json(json.loads(entry["record"]))
+        tags = {**self._start_tags(spec, entry["key"], entry.get("ray_trial_id", "")), TAG_ATTEMPT: "1",
+                **self._finish_tags(record, entry.get("models"))}
+        step = int(entry["step"])
+        metrics = [(safe_key(k), float(v), int(s)) for k, v, s in entry["unsent"]]
+        metrics += [(safe_key(k), x, step) for k, v in {**record.metrics, "trial_seconds": record.seconds}.items()
+                    if not k.startswith("_") and (x := numeric(v)) is not None]
+        return bulk.NewRun(run_name=schema.run_name(spec), status=MLFLOW_STATUS[record.status],
+                           tags={k: str(v)[:MAX_TAG_LEN] for k, v in tags.items()},
+                           params=schema.trial_params(spec), metrics=metrics)
 
     def _write_entry(self, entry: Mapping[str, Any]) -> None:
         """Everything a finished trial's run needs, from a journal entry (idempotent: reruns find the run)."""
@@ -395,15 +426,31 @@ class TrackingCallback(Callback):
         self._open.add(trial.trial_id)
         return run_id
 
+    def _start_tags(self, spec: TrialSpec, key: str, ray_trial_id: str) -> dict[str, str]:
+        tags = {**schema.trial_tags(spec, key), TAG_STATUS: "running", "xfer.ray_trial_id": ray_trial_id,
+                **provenance_tags()}
+        if self.tracker.parent_run_id:
+            tags[TAG_PARENT] = self.tracker.parent_run_id
+        return tags
+
+    @staticmethod
+    def _finish_tags(record: TrialRecord, models: str | None) -> dict[str, str]:
+        tags = {TAG_STATUS: record.status, TAG_MESSAGE: record.message[:MAX_TAG_LEN]}
+        if record.metric:
+            tags[TAG_METRIC] = record.metric
+        for name, fp in record.fingerprints.items():
+            tags[f"{TAG_FINGERPRINT}{name}"] = str(fp)
+        if models:
+            tags[TAG_MODELS] = str(models)[:MAX_TAG_LEN]
+        for name, path in record.artifacts.items():
+            tags[f"xfer.artifact.{name}"] = str(path)[:MAX_TAG_LEN]
+        return tags
+
     def _open_run(self, spec: TrialSpec, key: str, ray_trial_id: str, known: str | None = None) -> str:
         """Create the key's run, or reuse the one it has (re-parented to this invocation)."""
         from mlflow.entities import Param, RunTag
 
-        parent = self.tracker.parent_run_id
-        tags = {**schema.trial_tags(spec, key), TAG_STATUS: "running", "xfer.ray_trial_id": ray_trial_id,
-                **provenance_tags()}
-        if parent:
-            tags[TAG_PARENT] = parent
+        tags = self._start_tags(spec, key, ray_trial_id)
         params = schema.trial_params(spec)
         found = self.tracker.lookup(key)
         run_id = known or (found[0] if found else None)
@@ -447,15 +494,7 @@ class TrackingCallback(Callback):
         from mlflow.entities import RunTag
 
         self._log_metrics(run_id, {**record.metrics, "trial_seconds": record.seconds}, step)
-        tags = {TAG_STATUS: record.status, TAG_MESSAGE: record.message[:MAX_TAG_LEN]}
-        if record.metric:
-            tags[TAG_METRIC] = record.metric
-        for name, fp in record.fingerprints.items():
-            tags[f"{TAG_FINGERPRINT}{name}"] = str(fp)
-        if models:
-            tags[TAG_MODELS] = str(models)[:MAX_TAG_LEN]
-        for name, path in record.artifacts.items():
-            tags[f"xfer.artifact.{name}"] = str(path)[:MAX_TAG_LEN]
+        tags = self._finish_tags(record, models)
         self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         for name, path in record.artifacts.items():
             p = Path(path)
