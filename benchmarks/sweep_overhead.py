@@ -51,7 +51,8 @@ def run(root: Path, name: str, args, batch: bool) -> dict[str, float]:
     # the baseline: one Ray trial per λ, as the sweep ran before the path solver
     sweep.trial_configs = (lambda trials, batch=True, per_task=None: real(trials, batch=False)) if not batch else real
     try:
-        s = load_spec(spec(root, name, args.models, args.lambdas, args.datasets))
+        lambdas = args.lambdas if batch else (args.baseline_lambdas or args.lambdas)
+        s = load_spec(spec(root, name, args.models, lambdas, args.datasets))
         uri = f"sqlite:///{root}/{name}.db"
         out = io.StringIO()
         result = sweep.run_sweep(s, tracking_uri=uri, stream=out, quiet=True)
@@ -70,6 +71,8 @@ def main() -> None:
     ap.add_argument("--models", type=int, default=2)
     ap.add_argument("--lambdas", type=int, default=50)
     ap.add_argument("--datasets", nargs="+", default=["digits"])
+    ap.add_argument("--baseline-lambdas", type=int, default=None,
+                    help="λ values per cell in the baseline (default: --lambdas; fewer keeps it short, the figure is per trial)")
     ap.add_argument("--cpus", type=int, default=1, help="CPUs Ray may use (1: trials run one at a time)")
     args = ap.parse_args()
     import ray
