@@ -95,6 +95,11 @@ def test_flip_mirrors_exactly_the_drawn_images():
     assert 0 < int(flips.sum()) < 16
     for i in range(16):
         assert torch.equal(out[i], plain[i].flip(-1) if flips[i] else plain[i])
+    # the CUDA resampler mirrors the same rows
+    a = A.resample_roi_align(images, boxes.double(), 16, "bilinear", flips)
+    b = A.resample_roi_align(images, boxes.double(), 16, "bilinear")
+    for i in range(16):
+        assert torch.equal(a[i], b[i].flip(-1) if flips[i] else b[i])
 
 
 def test_normalisation_is_torchvisions():

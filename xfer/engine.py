@@ -5,9 +5,10 @@ The recipe is the paper's (Kornblith et al. 2019; SimCLR App. B.8 follows it): S
 paper's parameterisation, batch-norm statistics momentum tied to the epoch length.
 
 Determinism and exact resume: the batch of step ``t`` is a function of ``(seed, t)`` only — epoch ``e``
-uses a permutation seeded by ``(seed, e)``, sample ``i`` of step ``t`` is augmented under
-``torch.manual_seed(mix(seed, t, i))`` (set inside the dataset wrapper, so DataLoader workers give the
-same result), and the forward pass of step ``t`` runs under ``torch.manual_seed(mix(seed, t))`` (dropout,
+uses a permutation seeded by ``(seed, e)``; in the ``cached`` input pipeline (the default) step ``t``'s
+crops and flips are drawn from a ``torch.Generator`` seeded by ``mix(seed, "aug", t)``, in the ``pil``
+one sample ``i`` of step ``t`` is augmented under ``torch.manual_seed(mix(seed, "aug", t, i))`` (set
+inside the dataset wrapper, so DataLoader workers give the same result); and the forward pass of step ``t`` runs under ``torch.manual_seed(mix(seed, t))`` (dropout,
 drop-path). Checkpoints hold model + optimizer + step; nothing else carries state, so a run resumed from
 step ``k`` replays exactly what an uninterrupted run does (bit-identical on CPU).
 
@@ -502,7 +503,8 @@ def _cached_train(split: Dataset, data_config: DataConfig, cfg: TrainConfig, ctx
     for (t, idx), host in _prefetched(lambda job: _host_batch(images, job[1], pin), steps):
         x = host.to(device, non_blocking=True)
         g = torch.Generator().manual_seed(mix(cfg.seed, "aug", t))
-        yield augment.train(x, torch.from_numpy(images.sizes(idx)), g), torch.from_numpy(images.targets(idx))
+        y = torch.from_numpy(images.targets(idx))
+        yield augment.train(x, torch.from_numpy(images.sizes(idx)), g), (y.pin_memory() if pin else y)
 
 
 def _cached_eval(split: Dataset, data_config: DataConfig, *, device: str, batch_size: int, num_workers: int,

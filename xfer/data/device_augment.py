@@ -84,38 +84,58 @@ def centre_boxes(sizes: torch.Tensor, input_size: int, resize_size: int) -> torc
 
 
 # ------------------------------------------------------------------ resamplers (on the device)
-Resampler = Callable[[torch.Tensor, torch.Tensor, int, str], torch.Tensor]
+Resampler = Callable[[torch.Tensor, torch.Tensor, int, str, "torch.Tensor | None"], torch.Tensor]
 RESAMPLERS: "Registry[Resampler]" = Registry("resampler")
 DEVICE_RESAMPLER = {"cuda": "roi_align"}  # device type -> resampler; every other device: per_sample
 
 
 @RESAMPLERS.register("per_sample")
-def resample_per_sample(images: torch.Tensor, boxes: torch.Tensor, out: int, interpolation: str) -> torch.Tensor:
-    """Each box (rounded to whole pixels) cut out and resized to ``out`` with antialiasing; uint8 stays
-    uint8 (torchvision's fast path on CPU)."""
-    from torchvision.transforms.v2 import functional as F
-
-    mode = interpolation_mode(interpolation)
+def resample_per_sample(images: torch.Tensor, boxes: torch.Tensor, out: int, interpolation: str,
+                        flips: torch.Tensor | None = None) -> torch.Tensor:
+    """Each box (rounded to whole pixels) cut out, resized to ``out`` with antialiasing and, where
+    ``flips``, mirrored; uint8 stays uint8. Crops go through channels-last memory, the layout torch's
+    uint8 resize kernels vectorise over (a third faster on CPU than planar; the same values)."""
+    mode = interpolation_mode(interpolation).value  # torch's own name of torchvision's mode
+    antialias = mode in ("bilinear", "bicubic")
     cells = torch.round(boxes).to(torch.int64).tolist()
-    crops = [F.resized_crop(images[i], t, l, max(1, h), max(1, w), [out, out], interpolation=mode, antialias=True)
-             for i, (t, l, h, w) in enumerate(cells)]
-    return torch.stack(crops) if crops else images.new_zeros((0, images.shape[1], out, out))
+    mirror = [False] * len(cells) if flips is None else flips.tolist()
+    crops = []
+    for i, (t, l, h, w) in enumerate(cells):
+        crop = images[i:i + 1, :, t:t + max(1, h), l:l + max(1, w)].contiguous(memory_format=torch.channels_last)
+        y = torch.nn.functional.interpolate(crop, size=(out, out), mode=mode, antialias=antialias,
+                                            **({"align_corners": False} if antialias else {}))
+        crops.append(y.flip(-1) if mirror[i] else y)
+    return torch.cat(crops) if crops else images.new_zeros((0, images.shape[1], out, out))
 
 
 @RESAMPLERS.register("roi_align")
-def resample_roi_align(images: torch.Tensor, boxes: torch.Tensor, out: int, interpolation: str) -> torch.Tensor:
+def resample_roi_align(images: torch.Tensor, boxes: torch.Tensor, out: int, interpolation: str,
+                       flips: torch.Tensor | None = None) -> torch.Tensor:
     """All boxes in one ``roi_align`` (float result, 0..255): bilinear, averaging ``ceil(box/out)``
     samples per output pixel along each axis when shrinking (``sampling_ratio=-1``), pixel centres at
-    +½ (``aligned=True``, the convention of ``F.interpolate(align_corners=False)``)."""
+    +½ (``aligned=True``, the convention of ``F.interpolate(align_corners=False)``); then one mirror of
+    the ``flips`` rows."""
     from torchvision.ops import roi_align
 
     b = len(images)
     if b == 0:
         return images.new_zeros((0, images.shape[1], out, out), dtype=torch.float32)
-    bx = boxes.to(images.device, torch.float32)
-    rois = torch.stack([torch.arange(b, device=images.device, dtype=torch.float32),
-                        bx[:, 1], bx[:, 0], bx[:, 1] + bx[:, 3], bx[:, 0] + bx[:, 2]], 1)
-    return roi_align(images.float(), rois, (out, out), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    bx = boxes.to(torch.float32)
+    rois = torch.stack([torch.arange(b, dtype=torch.float32), bx[:, 1], bx[:, 0], bx[:, 1] + bx[:, 3],
+                        bx[:, 0] + bx[:, 2]], 1)
+    x = roi_align(images.float(), _to(rois, images.device), (out, out), spatial_scale=1.0, sampling_ratio=-1,
+                  aligned=True)
+    if flips is None:
+        return x
+    return torch.where(_to(flips, x.device).view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor on ``device`` without a host sync: through pinned memory on CUDA (a plain copy
+    would wait for the previous step's kernels, idling the GPU while the next batch is launched)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def resampler_for(device: torch.device | str) -> str:
@@ -139,20 +159,20 @@ class DeviceAugment:
         self.channels_last = self.device.type == "cuda"
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
-        """0..255 (uint8 or float) → float32 normalised; channels-last on CUDA (what its convolutions
-        run fastest on)."""
-        x = torch.addcmul(self._shift, x.float(), self._scale)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        """0..255 (uint8 or float) → float32 normalised, in one conversion and one in-place multiply-add;
+        channels-last on CUDA (what its convolutions run fastest on)."""
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        y = torch.empty(x.shape, dtype=torch.float32, device=x.device, memory_format=fmt).copy_(x)
+        return y.mul_(self._scale).add_(self._shift)
 
     def train(self, images: torch.Tensor, sizes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Random-resized crop + flip + normalise; the random draws come from ``generator`` (CPU) only."""
         boxes = crop_params(sizes, generator)
-        flips = flip_mask(len(boxes), generator).to(self.device)
-        x = self.resample(images, boxes.double(), self.cfg.input_size, self.cfg.interpolation)
-        x = torch.where(flips.view(-1, 1, 1, 1), x.flip(-1), x)
-        return self.normalise(x)
+        flips = flip_mask(len(boxes), generator)
+        return self.normalise(self.resample(images, boxes.double(), self.cfg.input_size, self.cfg.interpolation,
+                                            flips))
 
     def eval(self, images: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
         """Resize short side to ``input_size / crop_pct`` + centre crop + normalise (deterministic)."""
         boxes = centre_boxes(sizes, self.cfg.input_size, self.cfg.resize_size)
-        return self.normalise(self.resample(images, boxes, self.cfg.input_size, self.cfg.interpolation))
+        return self.normalise(self.resample(images, boxes, self.cfg.input_size, self.cfg.interpolation, None))
