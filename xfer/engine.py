@@ -461,19 +461,23 @@ def _pil_eval(split: Dataset, data_config: DataConfig, *, device: str, batch_siz
         yield x.to(device, non_blocking=True), y
 
 
-def _prefetched(gather: Callable[[Any], torch.Tensor], jobs: Iterable[Any],
-                ahead: int = 2) -> Iterator[tuple[Any, torch.Tensor]]:
-    """``(job, gather(job))`` for each job, gathered up to ``ahead`` jobs early in a background thread
-    (numpy's copy out of the memory-mapped cache releases the GIL), so reading a batch overlaps the step
-    before it. The jobs are produced lazily (a 20,000-step run never holds all of its index lists)."""
+PREFETCH = 2  # batches gathered ahead of the step that uses them
+
+
+def _prefetched(gather: Callable[[Any, int], torch.Tensor], jobs: Iterable[Any],
+                ahead: int = PREFETCH) -> Iterator[tuple[Any, torch.Tensor]]:
+    """``(job, gather(job, slot))`` for each job, gathered up to ``ahead`` jobs early in a background
+    thread (numpy's copy out of the memory-mapped cache releases the GIL), so reading a batch overlaps
+    the step before it. ``slot`` cycles through ``ahead + 1`` values: the job gathered into a slot is
+    always one whose batch was already handed on, so a gatherer may reuse one buffer per slot. The jobs
+    are produced lazily (a 20,000-step run never holds all of its index lists)."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
-    jobs = iter(jobs)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="xfer-batches") as pool:
         pending: deque = deque()
-        for job in jobs:
-            pending.append((job, pool.submit(gather, job)))
+        for k, job in enumerate(jobs):
+            pending.append((job, pool.submit(gather, job, k % (ahead + 1))))
             if len(pending) > ahead:
                 job0, fut = pending.popleft()
                 yield job0, fut.result()
@@ -482,11 +486,25 @@ def _prefetched(gather: Callable[[Any], torch.Tensor], jobs: Iterable[Any],
             yield job0, fut.result()
 
 
-def _host_batch(images: Any, idx: list[int], pin: bool) -> torch.Tensor:
-    """The uint8 slots of ``idx`` as a CPU tensor (pinned for an asynchronous copy to the GPU)."""
-    buf = torch.empty((len(idx), 3, images.side, images.side), dtype=torch.uint8, pin_memory=pin)
-    images.gather(idx, out=buf.numpy())
-    return buf
+class _HostBatches:
+    """Gathers batches of uint8 slots into CPU tensors. For a CPU trial one buffer per prefetch slot is
+    reused (a fresh 40 MB array per step costs page faults and zeroing); for CUDA each batch gets fresh
+    pinned memory from torch's caching host allocator, which knows when its asynchronous copy is done."""
+
+    def __init__(self, images: Any, pin: bool) -> None:
+        self.images, self.pin = images, pin
+        self.buffers: dict[int, torch.Tensor] = {}
+
+    def __call__(self, idx: list[int], slot: int) -> torch.Tensor:
+        shape = (len(idx), 3, self.images.side, self.images.side)
+        if self.pin:
+            buf = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
+        else:
+            buf = self.buffers.get(slot)
+            if buf is None or buf.shape != shape:
+                buf = self.buffers[slot] = torch.empty(shape, dtype=torch.uint8)
+        self.images.gather(idx, out=buf.numpy())
+        return buf
 
 
 def _cached_train(split: Dataset, data_config: DataConfig, cfg: TrainConfig, ctx: RunContext, start: int,
@@ -500,7 +518,8 @@ def _cached_train(split: Dataset, data_config: DataConfig, cfg: TrainConfig, ctx
     pin = device.startswith("cuda")
     steps = ((b[0][0], [k for _, _, k in b]) for b in _StepBatches(len(images), cfg.batch_size, cfg.seed,
                                                                      start, cfg.steps))
-    for (t, idx), host in _prefetched(lambda job: _host_batch(images, job[1], pin), steps):
+    host_batches = _HostBatches(images, pin)
+    for (t, idx), host in _prefetched(lambda job, slot: host_batches(job[1], slot), steps):
         x = host.to(device, non_blocking=True)
         g = torch.Generator().manual_seed(mix(cfg.seed, "aug", t))
         y = torch.from_numpy(images.targets(idx))
@@ -516,7 +535,8 @@ def _cached_eval(split: Dataset, data_config: DataConfig, *, device: str, batch_
     augment = DeviceAugment(data_config, device)
     pin = device.startswith("cuda")
     chunks = (list(range(i, min(i + batch_size, len(images)))) for i in range(0, len(images), batch_size))
-    for idx, host in _prefetched(lambda job: _host_batch(images, job, pin), chunks):
+    host_batches = _HostBatches(images, pin)
+    for idx, host in _prefetched(host_batches, chunks):
         yield augment.eval(host.to(device, non_blocking=True), torch.from_numpy(images.sizes(idx))), \
             images.targets(idx)
 
