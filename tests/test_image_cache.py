@@ -228,3 +228,10 @@ def test_layout_names_the_cache_folder(tmp_path):
     layout = StorageLayout(tmp_path / "s", tmp_path / "d")
     assert layout.image_cache("abc") == layout.image_cache_dir / "abc"
     assert layout.image_cache_dir.parent == layout.storage
+
+
+def test_views_are_the_slots_without_a_copy(folder_ds, tmp_path):
+    images = C.split_images(folder_ds.split("train"), 32, root=tmp_path / "cache")
+    views = images.views([2, 0])
+    np.testing.assert_array_equal(torch.stack(views).numpy(), images.gather([2, 0]))
+    assert all(np.shares_memory(v.numpy(), images.pools[0].images) for v in views)

@@ -464,20 +464,18 @@ def _pil_eval(split: Dataset, data_config: DataConfig, *, device: str, batch_siz
 PREFETCH = 2  # batches gathered ahead of the step that uses them
 
 
-def _prefetched(gather: Callable[[Any, int], torch.Tensor], jobs: Iterable[Any],
+def _prefetched(gather: Callable[[Any], torch.Tensor], jobs: Iterable[Any],
                 ahead: int = PREFETCH) -> Iterator[tuple[Any, torch.Tensor]]:
-    """``(job, gather(job, slot))`` for each job, gathered up to ``ahead`` jobs early in a background
-    thread (numpy's copy out of the memory-mapped cache releases the GIL), so reading a batch overlaps
-    the step before it. ``slot`` cycles through ``ahead + 1`` values: the job gathered into a slot is
-    always one whose batch was already handed on, so a gatherer may reuse one buffer per slot. The jobs
-    are produced lazily (a 20,000-step run never holds all of its index lists)."""
+    """``(job, gather(job))`` for each job, gathered up to ``ahead`` jobs early in a background thread
+    (numpy's copy out of the memory-mapped cache releases the GIL), so reading a batch overlaps the step
+    before it. The jobs are produced lazily (a 20,000-step run never holds all of its index lists)."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="xfer-batches") as pool:
         pending: deque = deque()
-        for k, job in enumerate(jobs):
-            pending.append((job, pool.submit(gather, job, k % (ahead + 1))))
+        for job in jobs:
+            pending.append((job, pool.submit(gather, job)))
             if len(pending) > ahead:
                 job0, fut = pending.popleft()
                 yield job0, fut.result()
@@ -486,25 +484,24 @@ def _prefetched(gather: Callable[[Any, int], torch.Tensor], jobs: Iterable[Any],
             yield job0, fut.result()
 
 
-class _HostBatches:
-    """Gathers batches of uint8 slots into CPU tensors. For a CPU trial one buffer per prefetch slot is
-    reused (a fresh 40 MB array per step costs page faults and zeroing); for CUDA each batch gets fresh
-    pinned memory from torch's caching host allocator, which knows when its asynchronous copy is done."""
+def _device_batches(images: Any, jobs: Iterable[Any], indices: Callable[[Any], list[int]],
+                    device: str) -> Iterator[tuple[Any, Any]]:
+    """``(job, the job's images on device)``. On CUDA: gathered ahead into pinned memory (torch's caching
+    host allocator reuses a buffer only once its asynchronous copy is done) and copied without a sync.
+    On CPU there is no copy to make: the batch is per-image views of the memory map, cropped directly."""
+    if not device.startswith("cuda"):
+        for job in jobs:
+            yield job, images.views(indices(job))
+        return
 
-    def __init__(self, images: Any, pin: bool) -> None:
-        self.images, self.pin = images, pin
-        self.buffers: dict[int, torch.Tensor] = {}
-
-    def __call__(self, idx: list[int], slot: int) -> torch.Tensor:
-        shape = (len(idx), 3, self.images.side, self.images.side)
-        if self.pin:
-            buf = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
-        else:
-            buf = self.buffers.get(slot)
-            if buf is None or buf.shape != shape:
-                buf = self.buffers[slot] = torch.empty(shape, dtype=torch.uint8)
-        self.images.gather(idx, out=buf.numpy())
+    def gather(job: Any) -> torch.Tensor:
+        idx = indices(job)
+        buf = torch.empty((len(idx), 3, images.side, images.side), dtype=torch.uint8, pin_memory=True)
+        images.gather(idx, out=buf.numpy())
         return buf
+
+    for job, host in _prefetched(gather, jobs):
+        yield job, host.to(device, non_blocking=True)
 
 
 def _cached_train(split: Dataset, data_config: DataConfig, cfg: TrainConfig, ctx: RunContext, start: int,
@@ -518,9 +515,7 @@ def _cached_train(split: Dataset, data_config: DataConfig, cfg: TrainConfig, ctx
     pin = device.startswith("cuda")
     steps = ((b[0][0], [k for _, _, k in b]) for b in _StepBatches(len(images), cfg.batch_size, cfg.seed,
                                                                      start, cfg.steps))
-    host_batches = _HostBatches(images, pin)
-    for (t, idx), host in _prefetched(lambda job, slot: host_batches(job[1], slot), steps):
-        x = host.to(device, non_blocking=True)
+    for (t, idx), x in _device_batches(images, steps, lambda job: job[1], device):
         g = torch.Generator().manual_seed(mix(cfg.seed, "aug", t))
         y = torch.from_numpy(images.targets(idx))
         yield augment.train(x, torch.from_numpy(images.sizes(idx)), g), (y.pin_memory() if pin else y)
@@ -533,12 +528,9 @@ def _cached_eval(split: Dataset, data_config: DataConfig, *, device: str, batch_
 
     images = split_images(split, cache_side(data_config), root=cache_dir, num_workers=num_workers)
     augment = DeviceAugment(data_config, device)
-    pin = device.startswith("cuda")
     chunks = (list(range(i, min(i + batch_size, len(images)))) for i in range(0, len(images), batch_size))
-    host_batches = _HostBatches(images, pin)
-    for idx, host in _prefetched(host_batches, chunks):
-        yield augment.eval(host.to(device, non_blocking=True), torch.from_numpy(images.sizes(idx))), \
-            images.targets(idx)
+    for idx, x in _device_batches(images, chunks, lambda job: job, device):
+        yield augment.eval(x, torch.from_numpy(images.sizes(idx))), images.targets(idx)
 
 
 PIPELINES: "Registry[Pipeline]" = Registry("input pipeline")

@@ -34,6 +34,7 @@ import os
 import shutil
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -124,6 +125,19 @@ class SplitImages:
         out = np.empty((len(idx), *first.shape[1:]), first.dtype)
         for where, t in parts:
             out[where] = t
+        return out
+
+    def views(self, indices: Sequence[int] | np.ndarray) -> list[torch.Tensor]:
+        """The slots of ``indices`` as uint8 ``[3, S, S]`` tensors that are views of the arrays — no copy:
+        what a CPU trial crops from directly. Read-only memory: never write to them."""
+        idx = np.asarray(indices, dtype=np.int64)
+        out: list[torch.Tensor] = [None] * len(idx)  # type: ignore[list-item]
+        with warnings.catch_warnings():  # torch warns that it cannot mark a tensor read-only; it is
+            warnings.simplefilter("ignore", UserWarning)
+            for p, where, rows in self._per_pool(idx):
+                images = self.pools[p].images
+                for k, r in zip(where.tolist(), rows.tolist()):
+                    out[k] = torch.from_numpy(np.asarray(images[r]))
         return out
 
     def gather(self, indices: Sequence[int] | np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

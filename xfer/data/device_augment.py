@@ -23,7 +23,7 @@ Crop boxes become pixels through a resampler chosen per device type (``RESAMPLER
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence, Union
 
 import torch
 
@@ -84,32 +84,34 @@ def centre_boxes(sizes: torch.Tensor, input_size: int, resize_size: int) -> torc
 
 
 # ------------------------------------------------------------------ resamplers (on the device)
-Resampler = Callable[[torch.Tensor, torch.Tensor, int, str, "torch.Tensor | None"], torch.Tensor]
+Images = Union[torch.Tensor, Sequence[torch.Tensor]]  # uint8 [B, 3, S, S], or B views [3, S, S] (CPU)
+Resampler = Callable[[Images, torch.Tensor, int, str, "torch.Tensor | None"], torch.Tensor]
 RESAMPLERS: "Registry[Resampler]" = Registry("resampler")
 DEVICE_RESAMPLER = {"cuda": "roi_align"}  # device type -> resampler; every other device: per_sample
 
 
 @RESAMPLERS.register("per_sample")
-def resample_per_sample(images: torch.Tensor, boxes: torch.Tensor, out: int, interpolation: str,
+def resample_per_sample(images: Images, boxes: torch.Tensor, out: int, interpolation: str,
                         flips: torch.Tensor | None = None) -> torch.Tensor:
     """Each box (rounded to whole pixels) cut out, resized to ``out`` with antialiasing and, where
-    ``flips``, mirrored; uint8 stays uint8. Crops go through channels-last memory, the layout torch's
-    uint8 resize kernels vectorise over (a third faster on CPU than planar; the same values)."""
+    ``flips``, mirrored; uint8 stays uint8. ``images`` may be a list of per-image views (a CPU trial
+    crops straight out of the memory-mapped cache, copying only the crop). Crops go through
+    channels-last memory, the layout torch's uint8 resize kernels vectorise over (the same values)."""
     mode = interpolation_mode(interpolation).value  # torch's own name of torchvision's mode
     antialias = mode in ("bilinear", "bicubic")
     cells = torch.round(boxes).to(torch.int64).tolist()
     mirror = [False] * len(cells) if flips is None else flips.tolist()
     crops = []
     for i, (t, l, h, w) in enumerate(cells):
-        crop = images[i:i + 1, :, t:t + max(1, h), l:l + max(1, w)].contiguous(memory_format=torch.channels_last)
+        crop = images[i][None, :, t:t + max(1, h), l:l + max(1, w)].contiguous(memory_format=torch.channels_last)
         y = torch.nn.functional.interpolate(crop, size=(out, out), mode=mode, antialias=antialias,
                                             **({"align_corners": False} if antialias else {}))
         crops.append(y.flip(-1) if mirror[i] else y)
-    return torch.cat(crops) if crops else images.new_zeros((0, images.shape[1], out, out))
+    return torch.cat(crops) if crops else torch.zeros((0, 3, out, out), dtype=torch.uint8)
 
 
 @RESAMPLERS.register("roi_align")
-def resample_roi_align(images: torch.Tensor, boxes: torch.Tensor, out: int, interpolation: str,
+def resample_roi_align(images: Images, boxes: torch.Tensor, out: int, interpolation: str,
                        flips: torch.Tensor | None = None) -> torch.Tensor:
     """All boxes in one ``roi_align`` (float result, 0..255): bilinear, averaging ``ceil(box/out)``
     samples per output pixel along each axis when shrinking (``sampling_ratio=-1``), pixel centres at
@@ -117,6 +119,8 @@ def resample_roi_align(images: torch.Tensor, boxes: torch.Tensor, out: int, inte
     the ``flips`` rows."""
     from torchvision.ops import roi_align
 
+    if not isinstance(images, torch.Tensor):
+        images = torch.stack(list(images))
     b = len(images)
     if b == 0:
         return images.new_zeros((0, images.shape[1], out, out), dtype=torch.float32)
@@ -145,7 +149,8 @@ def resampler_for(device: torch.device | str) -> str:
 # ------------------------------------------------------------------ the batch transform
 class DeviceAugment:
     """The training and evaluation transforms of one model's preprocessing, on ``device``, for batches of
-    uint8 images ``[B, 3, S, S]`` whose content is the top-left ``sizes[i]`` of each slot."""
+    uint8 images ``[B, 3, S, S]`` (or, on CPU, B views ``[3, S, S]``) whose content is the top-left
+    ``sizes[i]`` of each slot."""
 
     def __init__(self, cfg: DataConfig, device: torch.device | str, resampler: str | None = None) -> None:
         self.cfg = cfg
@@ -165,14 +170,14 @@ class DeviceAugment:
         y = torch.empty(x.shape, dtype=torch.float32, device=x.device, memory_format=fmt).copy_(x)
         return y.mul_(self._scale).add_(self._shift)
 
-    def train(self, images: torch.Tensor, sizes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def train(self, images: Images, sizes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Random-resized crop + flip + normalise; the random draws come from ``generator`` (CPU) only."""
         boxes = crop_params(sizes, generator)
         flips = flip_mask(len(boxes), generator)
         return self.normalise(self.resample(images, boxes.double(), self.cfg.input_size, self.cfg.interpolation,
                                             flips))
 
-    def eval(self, images: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    def eval(self, images: Images, sizes: torch.Tensor) -> torch.Tensor:
         """Resize short side to ``input_size / crop_pct`` + centre crop + normalise (deterministic)."""
         boxes = centre_boxes(sizes, self.cfg.input_size, self.cfg.resize_size)
         return self.normalise(self.resample(images, boxes, self.cfg.input_size, self.cfg.interpolation, None))
