@@ -450,7 +450,7 @@ def _pil_train(split: Dataset, data_config: DataConfig, cfg: TrainConfig, ctx: R
                         batch_sampler=_StepBatches(len(split), cfg.batch_size, cfg.seed, start, cfg.steps),  # type: ignore[arg-type]
                         num_workers=ctx.num_workers, pin_memory=device.startswith("cuda"))
     for x, y in loader:
-        yield x.to(device, non_blocking=True), y
+        yield _on_device(x, device), y
 
 
 def _pil_eval(split: Dataset, data_config: DataConfig, *, device: str, batch_size: int, num_workers: int,
@@ -458,7 +458,13 @@ def _pil_eval(split: Dataset, data_config: DataConfig, *, device: str, batch_siz
     loader = DataLoader(Transformed(split, eval_transform(data_config)), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, pin_memory=device.startswith("cuda"))
     for x, y in loader:
-        yield x.to(device, non_blocking=True), y
+        yield _on_device(x, device), y
+
+
+def _on_device(x: torch.Tensor, device: str) -> torch.Tensor:
+    """A collated batch on ``device`` (asynchronously from pinned memory; channels-last on CUDA)."""
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if device.startswith("cuda") else x
 
 
 PREFETCH = 2  # batches gathered ahead of the step that uses them
