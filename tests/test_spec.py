@@ -204,9 +204,11 @@ def test_yaml_exponent_strings_are_numbers():
         parse_spec(raw)
 
 
-# keys the previous release computed for sweeps/quickstart.yaml: a finished study must be reused
+# keys the previous release computed for sweeps/quickstart.yaml: a finished study must be reused.
+# finetune's changed once, on purpose: the `pipeline` option (images decoded once and augmented on the
+# device: other pixels, so other results) entered its keys; it was 4a225e0634f5069c before.
 PREVIOUS_KEYS = {("resnet-long", "synthetic_near", "linear_probe"): "2c5fdbef1f64bf5f",
-                 ("resnet-long", "synthetic_near", "finetune"): "4a225e0634f5069c"}
+                 ("resnet-long", "synthetic_near", "finetune"): "860248f7e69c7463"}
 PREVIOUS_PRETRAIN_KEYS = ["a3d66d98278216a8", "87ceb39a898a3db0", "8b93d6f9acd84181", "cf21025231ee0adf"]
 
 
