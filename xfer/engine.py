@@ -5,9 +5,10 @@ The recipe is the paper's (Kornblith et al. 2019; SimCLR App. B.8 follows it): S
 paper's parameterisation, batch-norm statistics momentum tied to the epoch length.
 
 Determinism and exact resume: the batch of step ``t`` is a function of ``(seed, t)`` only — epoch ``e``
-uses a permutation seeded by ``(seed, e)``, sample ``i`` of step ``t`` is augmented under
-``torch.manual_seed(mix(seed, t, i))`` (set inside the dataset wrapper, so DataLoader workers give the
-same result), and the forward pass of step ``t`` runs under ``torch.manual_seed(mix(seed, t))`` (dropout,
+uses a permutation seeded by ``(seed, e)``; in the ``cached`` input pipeline (the default) step ``t``'s
+crops and flips are drawn from a ``torch.Generator`` seeded by ``mix(seed, "aug", t)``, in the ``pil``
+one sample ``i`` of step ``t`` is augmented under ``torch.manual_seed(mix(seed, "aug", t, i))`` (set
+inside the dataset wrapper, so DataLoader workers give the same result); and the forward pass of step ``t`` runs under ``torch.manual_seed(mix(seed, t))`` (dropout,
 drop-path). Checkpoints hold model + optimizer + step; nothing else carries state, so a run resumed from
 step ``k`` replays exactly what an uninterrupted run does (bit-identical on CPU).
 
@@ -25,7 +26,7 @@ import pickle
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ from xfer.data.transforms import DataConfig, Transformed, eval_transform, train_
 from xfer.io import (ChecksumError, move_with_checksum, read_checksum, remove_with_checksum, save_torch,
                      verify_file)
 from xfer.contract import Diverged, RunContext
+from xfer.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -286,8 +288,11 @@ class TrainConfig:
     log_every: int = 50
     eval_every: int = 0
     seed: int = 0
+    pipeline: str = "cached"  # how batches are made: a name in PIPELINES (see "input pipelines" below)
 
     def __post_init__(self) -> None:
+        if self.pipeline not in PIPELINES:
+            raise ValueError(f"pipeline: {PIPELINES.unknown_message(self.pipeline)}")
         for name in ("steps", "batch_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -330,7 +335,7 @@ def train(model: nn.Module, split: Dataset, data_config: DataConfig, cfg: TrainC
         log.warning("batch_size %d > %d training examples: every batch is the whole split", cfg.batch_size, n)
     spe = steps_per_epoch(n, cfg.batch_size)
     set_bn_momentum(model, bn_momentum(spe))
-    model.to(device)
+    for_device(model, device)
     opt = make_optimizer(model, lr=cfg.lr, wd=cfg.wd, momentum=cfg.momentum, wd_over_lr=cfg.wd_over_lr)
     ckpt = checkpoint_path(ctx)
     start, last_loss, (window_total, window_n) = _try_resume(ckpt, run_id, model, opt, device)
@@ -338,9 +343,7 @@ def train(model: nn.Module, split: Dataset, data_config: DataConfig, cfg: TrainC
     if start >= cfg.steps:
         return TrainOutcome(start, last_loss, resumed_from=start)
 
-    loader = DataLoader(_SeededAugment(split, train_transform(data_config), cfg.seed),
-                        batch_sampler=_StepBatches(n, cfg.batch_size, cfg.seed, start, cfg.steps),
-                        num_workers=ctx.num_workers, pin_memory=device.startswith("cuda"))
+    loader = PIPELINES.get(cfg.pipeline).train(split, data_config, cfg, ctx, start, device)
     window_sum = torch.full((), window_total, dtype=torch.float32, device=device)
     devices = [torch.cuda.current_device()] if device.startswith("cuda") else []
     with torch.random.fork_rng(devices=devices):  # leave the caller's RNG as it was
@@ -384,13 +387,15 @@ def train(model: nn.Module, split: Dataset, data_config: DataConfig, cfg: TrainC
 # ------------------------------------------------------------------ evaluation
 @torch.no_grad()
 def predict(model: nn.Module, split: Dataset, data_config: DataConfig, *, device: str = "cpu",
-            batch_size: int = 256, num_workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+            batch_size: int = 256, num_workers: int = 0, pipeline: str = "cached",
+            cache_dir: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Scores [N, C] (float32 logits) and targets ([N] ints or [N, C] multi-hot) over ``split``,
-    preprocessed with the deterministic ``eval_transform`` (BN in eval mode)."""
+    preprocessed with the deterministic evaluation transform of ``pipeline`` (BN in eval mode);
+    ``cache_dir``: where the cached pipeline keeps decoded images (None: decoded in memory per call)."""
     was_training = model.training
     model.eval().to(device)
-    loader = DataLoader(Transformed(split, eval_transform(data_config)), batch_size=batch_size,
-                        shuffle=False, num_workers=num_workers, pin_memory=device.startswith("cuda"))
+    loader = PIPELINES.get(pipeline).eval(split, data_config, device=device, batch_size=batch_size,
+                                          num_workers=num_workers, cache_dir=cache_dir)
     scores: list[np.ndarray] = []
     targets: list[np.ndarray] = []
     for x, y in loader:
@@ -405,10 +410,137 @@ def predict(model: nn.Module, split: Dataset, data_config: DataConfig, *, device
 
 
 def evaluate(model: nn.Module, split: Dataset, data_config: DataConfig, metric: str, *, device: str = "cpu",
-             batch_size: int = 256, num_workers: int = 0) -> tuple[float, np.ndarray, np.ndarray]:
+             batch_size: int = 256, num_workers: int = 0, pipeline: str = "cached",
+             cache_dir: Path | None = None) -> tuple[float, np.ndarray, np.ndarray]:
     """``(metric value, scores, targets)`` of ``model`` on ``split`` (metric from ``xfer.metrics``)."""
     from xfer.metrics import compute_metric
 
     scores, targets = predict(model, split, data_config, device=device, batch_size=batch_size,
-                              num_workers=num_workers)
+                              num_workers=num_workers, pipeline=pipeline, cache_dir=cache_dir)
     return compute_metric(metric, scores, targets), scores, targets
+
+
+# ------------------------------------------------------------------ input pipelines
+# How a loop gets its batches. ``train(split, data_config, cfg, ctx, start, device)`` yields step t's
+# ``(x, y)`` for t = start .. cfg.steps - 1, x already on ``device``; ``eval(split, data_config, device=,
+# batch_size=, num_workers=, cache_dir=)`` yields ``(x, y)`` over the split in order. Both keep the
+# determinism contract of the module docstring: step t's batch is a function of (seed, t) only.
+Batches = Iterator[tuple[torch.Tensor, Any]]
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    train: Callable[..., Batches]
+    eval: Callable[..., Batches]
+    help: str
+
+
+def for_device(model: nn.Module, device: str) -> nn.Module:
+    """The model on ``device``; channels-last memory on CUDA, where convolutions run fastest on it (CPU
+    keeps the default layout: its results stay bit-identical to earlier runs)."""
+    model.to(device)
+    if device.startswith("cuda"):
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _pil_train(split: Dataset, data_config: DataConfig, cfg: TrainConfig, ctx: RunContext, start: int,
+               device: str) -> Batches:
+    loader = DataLoader(_SeededAugment(split, train_transform(data_config), cfg.seed),
+                        batch_sampler=_StepBatches(len(split), cfg.batch_size, cfg.seed, start, cfg.steps),  # type: ignore[arg-type]
+                        num_workers=ctx.num_workers, pin_memory=device.startswith("cuda"))
+    for x, y in loader:
+        yield _on_device(x, device), y
+
+
+def _pil_eval(split: Dataset, data_config: DataConfig, *, device: str, batch_size: int, num_workers: int,
+              cache_dir: Path | None = None) -> Batches:
+    loader = DataLoader(Transformed(split, eval_transform(data_config)), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, pin_memory=device.startswith("cuda"))
+    for x, y in loader:
+        yield _on_device(x, device), y
+
+
+def _on_device(x: torch.Tensor, device: str) -> torch.Tensor:
+    """A collated batch on ``device`` (asynchronously from pinned memory; channels-last on CUDA)."""
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if device.startswith("cuda") else x
+
+
+PREFETCH = 2  # batches gathered ahead of the step that uses them
+
+
+def _prefetched(gather: Callable[[Any], torch.Tensor], jobs: Iterable[Any],
+                ahead: int = PREFETCH) -> Iterator[tuple[Any, torch.Tensor]]:
+    """``(job, gather(job))`` for each job, gathered up to ``ahead`` jobs early in a background thread
+    (numpy's copy out of the memory-mapped cache releases the GIL), so reading a batch overlaps the step
+    before it. The jobs are produced lazily (a 20,000-step run never holds all of its index lists)."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="xfer-batches") as pool:
+        pending: deque = deque()
+        for job in jobs:
+            pending.append((job, pool.submit(gather, job)))
+            if len(pending) > ahead:
+                job0, fut = pending.popleft()
+                yield job0, fut.result()
+        while pending:
+            job0, fut = pending.popleft()
+            yield job0, fut.result()
+
+
+def _device_batches(images: Any, jobs: Iterable[Any], indices: Callable[[Any], list[int]],
+                    device: str) -> Iterator[tuple[Any, Any]]:
+    """``(job, the job's images on device)``. On CUDA: gathered ahead into pinned memory (torch's caching
+    host allocator reuses a buffer only once its asynchronous copy is done) and copied without a sync.
+    On CPU there is no copy to make: the batch is per-image views of the memory map, cropped directly."""
+    if not device.startswith("cuda"):
+        for job in jobs:
+            yield job, images.views(indices(job))
+        return
+
+    def gather(job: Any) -> torch.Tensor:
+        idx = indices(job)
+        buf = torch.empty((len(idx), 3, images.side, images.side), dtype=torch.uint8, pin_memory=True)
+        images.gather(idx, out=buf.numpy())
+        return buf
+
+    for job, host in _prefetched(gather, jobs):
+        yield job, host.to(device, non_blocking=True)
+
+
+def _cached_train(split: Dataset, data_config: DataConfig, cfg: TrainConfig, ctx: RunContext, start: int,
+                  device: str) -> Batches:
+    from xfer.data.cache import cache_side, split_images
+    from xfer.data.device_augment import DeviceAugment
+
+    images = split_images(split, cache_side(data_config), root=ctx.layout.image_cache_dir,
+                          num_workers=ctx.num_workers)
+    augment = DeviceAugment(data_config, device)
+    pin = device.startswith("cuda")
+    steps = ((b[0][0], [k for _, _, k in b]) for b in _StepBatches(len(images), cfg.batch_size, cfg.seed,
+                                                                     start, cfg.steps))
+    for (t, idx), x in _device_batches(images, steps, lambda job: job[1], device):
+        g = torch.Generator().manual_seed(mix(cfg.seed, "aug", t))
+        y = torch.from_numpy(images.targets(idx))
+        yield augment.train(x, torch.from_numpy(images.sizes(idx)), g), (y.pin_memory() if pin else y)
+
+
+def _cached_eval(split: Dataset, data_config: DataConfig, *, device: str, batch_size: int, num_workers: int,
+                 cache_dir: Path | None = None) -> Batches:
+    from xfer.data.cache import cache_side, split_images
+    from xfer.data.device_augment import DeviceAugment
+
+    images = split_images(split, cache_side(data_config), root=cache_dir, num_workers=num_workers)
+    augment = DeviceAugment(data_config, device)
+    chunks = (list(range(i, min(i + batch_size, len(images)))) for i in range(0, len(images), batch_size))
+    for idx, x in _device_batches(images, chunks, lambda job: job, device):
+        yield augment.eval(x, torch.from_numpy(images.sizes(idx))), images.targets(idx)
+
+
+PIPELINES: "Registry[Pipeline]" = Registry("input pipeline")
+PIPELINES.add("pil", Pipeline(_pil_train, _pil_eval, "per-sample torchvision transforms of each decoded image in "
+                              "DataLoader workers (decodes every image every epoch)"))
+PIPELINES.add("cached", Pipeline(_cached_train, _cached_eval, "images decoded once into a memory-mapped uint8 "
+                                 "cache; crop, flip and normalise as batched ops on the trial's device"))

@@ -65,6 +65,15 @@ class StorageLayout:
         return self.features_dir / f"{safe_name(key, 'feature key')}.pt"
 
     @property
+    def image_cache_dir(self) -> Path:
+        """Decoded images of dataset pools, shared by every trial (``xfer.data.cache``)."""
+        return self.storage / "image_cache"
+
+    def image_cache(self, key: str) -> Path:
+        """One pool's decoded images at one resolution (``images.npy``, ``meta.npz``, ``manifest.json``)."""
+        return self.image_cache_dir / safe_name(key, "image cache key")
+
+    @property
     def ray(self) -> Path:
         """Ray Tune's experiment state (what ``--resume`` restores)."""
         return self.storage / "ray"

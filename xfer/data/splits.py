@@ -112,10 +112,14 @@ class Part:
 
 
 class Selection(Dataset):
-    """The concatenation of a few pool parts; what ``split(name)`` returns."""
+    """The concatenation of a few pool parts; what ``split(name)`` returns.
 
-    def __init__(self, pools: Mapping[str, Dataset], parts: Sequence[Part]) -> None:
+    ``identity`` is the owning dataset's fingerprint: with it a pool's decoded images can be cached
+    on disk under a key of what they are (``xfer.data.cache``)."""
+
+    def __init__(self, pools: Mapping[str, Dataset], parts: Sequence[Part], identity: str | None = None) -> None:
         self.pools = pools
+        self.identity = identity
         self.parts = [p for p in parts if len(p.indices)]
         self._ends = np.cumsum([len(p.indices) for p in self.parts]).tolist()
 
@@ -158,7 +162,7 @@ class SplitDataset:
         if name not in SPLITS:
             raise ValueError(f"unknown split {name!r}; valid: {', '.join(SPLITS)}")
         if name not in self._splits:
-            self._splits[name] = Selection(self._pools, self._parts[name])
+            self._splits[name] = Selection(self._pools, self._parts[name], identity=self.fingerprint())
         return self._splits[name]
 
     def parts(self, name: SplitName) -> list[tuple[str, np.ndarray]]:

@@ -82,6 +82,7 @@ class Option:
     help: str = ""
     affects_result: bool = True
     minimum: float | None = None
+    choices: tuple[Any, ...] | None = None  # the valid values, when there are only a few
 
 
 class Regime:
@@ -132,6 +133,8 @@ class Regime:
         for o in self.options:
             if o.minimum is not None and is_number(out[o.name]) and out[o.name] < o.minimum:
                 raise OptionError(f"{path}.{o.name}: must be >= {o.minimum:g}, got {out[o.name]!r}")
+            if o.choices is not None and out[o.name] not in o.choices:
+                raise OptionError(f"{path}.{o.name}: {out[o.name]!r} is not one of {', '.join(map(str, o.choices))}")
         return out
 
     def check_hparams(self, hparams: Mapping[str, Any], path: str) -> dict[str, float]:

@@ -55,6 +55,8 @@ def _options(steps: int) -> tuple[Option, ...]:
         Option("batch_size", 256, "batch size", minimum=1),
         Option("wd_over_lr", True, "divide the grid's wd by the learning rate (the paper's parameterisation)"),
         Option("momentum", 0.9, "Nesterov momentum"),
+        Option("pipeline", "cached", "input pipeline: cached (images decoded once, augmented on the trial's "
+               "device) or pil (per-sample transforms in DataLoader workers)", choices=("cached", "pil")),
         Option("checkpoint_every", 1000, "periodic checkpoint for exact resume (0: off)", affects_result=False),
         Option("eval_every", 0, "periodic validation in grid trials (0: only at the end)", affects_result=False),
         Option("log_every", 50, "training-loss logging cadence", affects_result=False),
@@ -95,14 +97,15 @@ class FineTune(Regime):
                                  lr=hp["lr"], wd=hp["wd"],
                                  wd_over_lr=opts["wd_over_lr"], momentum=opts["momentum"],
                                  checkpoint_every=opts["checkpoint_every"], log_every=opts["log_every"],
-                                 eval_every=opts["eval_every"], seed=trial.seed)
+                                 eval_every=opts["eval_every"], seed=trial.seed, pipeline=opts["pipeline"])
         device = ctx.resolved_device()
         eval_split = ds.split(splits.eval)
         key = f"{splits.prefix}_{info.metric}"
 
         def periodic(model) -> dict[str, float]:
             value, _, _ = engine.evaluate(model, eval_split, backbone.data_config, info.metric, device=device,
-                                          batch_size=cfg.batch_size, num_workers=ctx.num_workers)
+                                          batch_size=cfg.batch_size, num_workers=ctx.num_workers,
+                                          pipeline=cfg.pipeline, cache_dir=ctx.layout.image_cache_dir)
             return {key: value}
 
         if cfg.eval_every and trial.stage != "grid":
@@ -115,7 +118,8 @@ class FineTune(Regime):
             return TrialRecord(status="diverged", metric=info.metric, message=str(e), fingerprints=fingerprints)
         value, scores, targets = engine.evaluate(backbone.model, eval_split, backbone.data_config, info.metric,
                                                  device=device, batch_size=cfg.batch_size,
-                                                 num_workers=ctx.num_workers)
+                                                 num_workers=ctx.num_workers, pipeline=cfg.pipeline,
+                                                 cache_dir=ctx.layout.image_cache_dir)
         ctx.report(outcome.steps_done, {key: value})
         engine.clear_checkpoint(ctx)
         log.info("%s %s on %s: %s = %.4f (%d steps)", self.name, trial.model.name, trial.dataset.display, key, value,
