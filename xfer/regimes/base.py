@@ -69,6 +69,8 @@ class Option:
     help: str = ""
     affects_result: bool = True
     minimum: float | None = None
+    maximum: float | None = None  # exclusive: a probability such as dropout must stay below 1
+    choices: tuple[Any, ...] = ()  # the only valid values, when the option is one of a few named settings
 
 
 class Regime:
@@ -105,12 +107,17 @@ class Regime:
                        ignore_options=tuple(sorted(o.name for o in self.options if not o.affects_result)))
 
     def check_options(self, raw: Mapping[str, Any], path: str) -> dict[str, Any]:
-        """The defaults overlaid with ``raw``; unknown names, wrong kinds and values below an option's
-        minimum are OptionErrors naming ``path``."""
+        """The defaults overlaid with ``raw``; unknown names, wrong kinds, values outside an option's
+        [minimum, maximum) and values not among its choices are OptionErrors naming ``path``."""
         out = check_options(raw, self.defaults, path)
         for o in self.options:
             if o.minimum is not None and is_number(out[o.name]) and out[o.name] < o.minimum:
                 raise OptionError(f"{path}.{o.name}: must be >= {o.minimum:g}, got {out[o.name]!r}")
+            if o.maximum is not None and is_number(out[o.name]) and out[o.name] >= o.maximum:
+                raise OptionError(f"{path}.{o.name}: must be below {o.maximum:g}, got {out[o.name]!r}")
+            if o.choices and out[o.name] not in o.choices:
+                raise OptionError(f"{path}.{o.name}: must be one of {', '.join(map(str, o.choices))}, "
+                                  f"got {out[o.name]!r}")
         return out
 
     def check_hparams(self, hparams: Mapping[str, Any], path: str) -> dict[str, float]:
