@@ -17,9 +17,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("components", ("xfer.data", "xfer.metrics", "xfer.models")),
     ("training", ("xfer.engine", "xfer.logistic", "xfer.lambda_path", "xfer.features")),
     ("regimes", ("xfer.regimes",)),
-    ("study", ("xfer.spec", "xfer.select", "xfer.stats", "xfer.report", "xfer.tracking", "xfer.progress",
-               "xfer.k8s")),
-    ("orchestration", ("xfer.sweep", "xfer.final")),
+    ("study", ("xfer.spec", "xfer.select", "xfer.stats", "xfer.report", "xfer.report_regularizers",
+               "xfer.tracking", "xfer.progress", "xfer.k8s")),
+    ("orchestration", ("xfer.sweep", "xfer.final", "xfer.distributed")),
     ("interface", ("xfer.cli",)),
 ]
 

@@ -40,7 +40,7 @@ TOP_KEYS = {
     "models": "list of models",
     "datasets": "list of dataset names or {name, label, options...}",
     "regimes": "mapping regime -> {grid: {...}, options...}",
-    "resources": "mapping regime -> {cpu, gpu} per trial",
+    "resources": "mapping regime -> {cpu, gpu} per trial (pretrain also workers: N, each with cpu/gpu)",
     "search": "{type: grid} (default) or {type: optuna, num_samples, seed}",
     "final": "{enabled: true} — retrain the best config on train+val and test once",
     "max_concurrent": "cap on trials running at once (default: as resources allow)",
@@ -49,7 +49,7 @@ TOP_KEYS = {
 }
 MODEL_KEYS = ("name", "arch", "weights", "weights_file", "pretrain", "source_top1", "input_size", "paper_name")
 SEARCH_TYPES = ("grid", "optuna")
-RESOURCE_KEYS = ("cpu", "gpu")
+RESOURCE_KEYS = ("cpu", "gpu", "workers")  # workers: pretrain only (data-parallel, xfer.distributed)
 
 
 def _type_name(v: Any) -> str:
@@ -306,6 +306,11 @@ def parse_spec(raw: Any, path: str | None = None) -> SweepSpec:
             _expect(is_number(v) and v >= 0, f"spec.resources.{r}.{k}", f"a number >= 0, got {v!r}")
             if k == "gpu" and v > 1:
                 _expect(float(v).is_integer(), f"spec.resources.{r}.gpu", "fractions are only allowed below 1")
+            if k == "workers":
+                _expect(r == "pretrain", f"spec.resources.{r}.workers",
+                        "only pretrain trials run data-parallel over several workers; other regimes take cpu, gpu")
+                _expect(isinstance(v, int) and v >= 1, f"spec.resources.{r}.workers",
+                        f"an integer >= 1 (Ray Train workers, each with this cpu/gpu), got {v!r}")
     search = dict(raw.get("search") or {"type": "grid"})
     _check_keys(search, ("type", "num_samples", "seed"), "spec.search")
     _expect(search.get("type", "grid") in SEARCH_TYPES, "spec.search.type",
