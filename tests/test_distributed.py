@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,7 +34,8 @@ def local_ray():
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=128 * 1024 * 1024,
+    # three logical CPUs: the Tune trial that drives a data-parallel run, and its two workers
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, object_store_memory=128 * 1024 * 1024,
              _node_ip_address="127.0.0.1")
     yield ray
     ray.shutdown()
@@ -64,3 +66,37 @@ def test_two_cpu_workers_write_the_checkpoint_one_worker_writes(tmp_path, local_
     assert meta["workers"] == 2 and meta["regularizers"]["aux_head"] == "attached"
     assert record.metrics["source_top1"] == pytest.approx(single.metrics["source_top1"], abs=1.0 / 32)
     assert record.steps_done == single.steps_done == 6
+
+
+@pytest.mark.integration
+def test_a_sweep_runs_a_two_worker_pretrain_trial_as_one_trial_and_one_run(tmp_path, local_ray):
+    import mlflow
+    import yaml
+
+    from xfer.spec import load_spec
+    from xfer.sweep import run_sweep
+
+    raw = {"name": "dp", "seeds": [0], "storage": str(tmp_path / "store"), "data_root": str(tmp_path / "data"),
+           "models": [{"name": "dp", "arch": "test_resnet", "input_size": 32, "weights": "pretrain",
+                       "pretrain": {"dataset": {"name": SOURCE.name, **SOURCE.options}, **OPTIONS}}],
+           "datasets": ["digits"],
+           "regimes": {"linear_probe": {"grid": {"l2": [1e-2]}}},
+           "resources": {"pretrain": {"workers": 2, "cpu": 1}, "linear_probe": {"cpu": 1}},
+           "final": {"enabled": False}}
+    path = tmp_path / "dp.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    spec = load_spec(path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = run_sweep(spec, tracking_uri=uri, quiet=True)
+    pre = next(s for s in result.stages if s.stage == "pretrain")
+    assert pre.statuses == {"finished": 1}
+
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("dp")
+    runs = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("xfer.stage") == "pretrain"]
+    assert len(runs) == 1 and runs[0].data.tags["xfer.status"] == "finished"
+    losses = client.get_metric_history(runs[0].info.run_id, "train_loss")
+    assert sorted(m.step for m in losses) == [3, 6]  # the workers' per-step losses reached MLflow
+    trial = spec.pretrain_trials()[0]
+    meta = json.loads((Path(tmp_path / "store") / "checkpoints" / trial.key / "meta.json").read_text())
+    assert meta["workers"] == 2 and meta["source_top1"] == pytest.approx(runs[0].data.metrics["source_top1"])
