@@ -123,7 +123,9 @@ def test_regulariser_view_of_a_results_table():
     assert regs.has_settings(results)
     assert results.loc[results["model"] == "hub", list(regs.COLUMNS)].isna().all().all()
     view = regs.regularizer_table(results)
-    assert list(view["setting"]) == ["recipe", "no label smoothing", "BN scale fixed at 1"]
+    assert list(view["setting"]) == [
+        "reference: label smoothing 0.1, dropout 0.2, BN scale learned, aux head (own), wd 8e-05",
+        "no label smoothing", "BN scale fixed at 1"]
     row = view.set_index("model").loc["no-ls"]
     assert row["source top-1"] == pytest.approx(0.79)
     assert row["linear_probe mean"] == pytest.approx(0.65) and row["finetune mean"] == pytest.approx(0.66)

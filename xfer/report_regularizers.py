@@ -23,7 +23,8 @@ PREFIX = "pretrain_"
 COLUMNS = tuple(PREFIX + s for s in SETTINGS)
 TRANSFER = ("linear_probe", "finetune")  # the regimes the paper contrasts
 FIG_CAPTION = ("Source-training regularisers: source top-1 (x) against mean log-odds transfer accuracy over "
-               "datasets (y), one point per setting, for logistic regression and fine-tuning.")
+               "datasets (y), one point per setting (labelled by model; the table names its setting), for "
+               "logistic regression and fine-tuning.")
 TEXT = ("One architecture source-trained under each regulariser setting (the paper's §4.1): the source "
         "top-1 of each setting beside its mean transfer accuracy over datasets (and the mean log-odds, the "
         "scale the correlations use) for logistic regression on frozen features and for fine-tuning.")
@@ -64,7 +65,9 @@ def setting_label(row: Mapping[str, Any], reference: Mapping[str, Any] | None = 
         return f"no {pretty}" if not value else f"{pretty} {float(value):g}"
 
     names = [s for s in SETTINGS if reference is None or row[PREFIX + s] != reference[PREFIX + s]]
-    return ", ".join(say(s, row[PREFIX + s]) for s in names) or "recipe"
+    if not names:  # the reference itself: say what it is
+        return "reference: " + ", ".join(say(s, row[PREFIX + s]) for s in SETTINGS)
+    return ", ".join(say(s, row[PREFIX + s]) for s in names)
 
 
 def has_settings(results: pd.DataFrame) -> bool:
@@ -77,13 +80,12 @@ def has_settings(results: pd.DataFrame) -> bool:
 
 def regularizer_table(results: pd.DataFrame) -> pd.DataFrame:
     """Per source-trained model: its setting, source top-1, and per transfer regime the mean accuracy
-    and mean log-odds over the datasets it has results on (NaN when it has none). The row whose
-    settings are the pretrain regime's defaults (the recipe) is named ``recipe`` and comes first; the
-    others are named by what they change."""
+    and mean log-odds over the datasets it has results on (NaN when it has none). Settings are named by
+    what they change from the reference — each switch at the value most of the models share (a study
+    that turns one switch off at a time has its baseline there) — and the reference comes first."""
     rows = results.dropna(subset=list(COLUMNS))
     models = rows.drop_duplicates("model").set_index("model")
-    defaults = REGIMES.get("pretrain").defaults
-    reference = {PREFIX + s: defaults[s] for s in SETTINGS}
+    reference = {c: models[c].astype(object).mode().iloc[0] for c in COLUMNS}
     src = stats.source_top1_by_model(results)
     out = []
     for model, row in models.iterrows():
@@ -99,7 +101,9 @@ def regularizer_table(results: pd.DataFrame) -> pd.DataFrame:
             rec[f"{regime} log-odds"] = float(np.mean(odds)) if len(odds) else np.nan
         out.append(rec)
     table = pd.DataFrame(out)
-    return table.sort_values("setting", key=lambda s: s != "recipe", kind="stable").reset_index(drop=True)
+    first = table["setting"].str.startswith("reference")
+    return table.sort_values("setting", key=lambda s: ~s.str.startswith("reference"), kind="stable"
+                             ).reset_index(drop=True) if first.any() else table
 
 
 PCT_COLUMNS = ("source top-1", *(f"{r} mean" for r in TRANSFER))
@@ -116,8 +120,13 @@ def plot_regularizers(table: pd.DataFrame) -> Any:
         x, y = table["source top-1"].to_numpy(float) * 100, table[f"{regime} log-odds"].to_numpy(float)
         ok = np.isfinite(x) & np.isfinite(y)
         ax.scatter(x[ok], y[ok], color="tab:blue" if regime == "linear_probe" else "tab:orange", zorder=3)
-        for xi, yi, label in zip(x[ok], y[ok], table["setting"][ok]):
-            ax.annotate(label, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        for xi, yi, label in zip(x[ok], y[ok], table["model"][ok]):  # model names: the table spells settings out
+            ax.annotate(label, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                        annotation_clip=True, in_layout=False)
+        if ok.any():
+            pad_x, pad_y = max(np.ptp(x[ok]) * 0.15, 0.5), max(np.ptp(y[ok]) * 0.15, 0.05)
+            ax.set_xlim(x[ok].min() - pad_x, x[ok].max() + 3 * pad_x)
+            ax.set_ylim(y[ok].min() - pad_y, y[ok].max() + pad_y)
         ax.set_title(REGIMES.get(regime).label if regime in REGIMES else regime)
         ax.set_xlabel("source top-1 (%)")
         ax.set_ylabel("mean transfer log-odds")
