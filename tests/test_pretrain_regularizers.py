@@ -31,8 +31,12 @@ def ctx(tmp_path):
 
 
 def test_the_default_is_the_papers_recipe():
+    from xfer.regimes.pretrain import recipe_lr
+
     d = REGIMES.get("pretrain").defaults
-    assert (d["batch_size"], d["lr"], d["momentum"], d["wd"]) == (4096, pytest.approx(0.1 * 4096 / 256), 0.9, 8e-5)
+    assert (d["batch_size"], recipe_lr(d), d["momentum"], d["wd"]) == (4096, pytest.approx(1.6), 0.9, 8e-5)
+    assert recipe_lr({**d, "batch_size": 128}) == pytest.approx(0.05)  # the scaling rule, not 1.6
+    assert recipe_lr({**d, "lr": 0.3}) == 0.3
     assert (d["label_smoothing"], d["dropout"], d["bn_scale"], d["aux_head"], d["aux_weight"]) == (
         0.1, 0.2, True, "own", 0.4)
 

@@ -56,8 +56,10 @@ def test_retrained_sweep_pretrains_every_model_with_one_recipe():
     assert len(pre) == len(spec.models) >= 12  # every entry is retrained: none is a hub checkpoint
     recipes = {tuple(sorted((k, v) for k, v in m.pretrain.options.items())) for m in pre}
     assert len(recipes) == 1, "every model is trained with the same recipe"
+    from xfer.regimes.pretrain import recipe_lr
+
     opts = REGIMES.get("pretrain").check_options(pre[0].pretrain.options, "retrained")
-    assert opts["batch_size"] == 4096 and opts["lr"] == pytest.approx(0.1 * 4096 / 256)
+    assert opts["batch_size"] == 4096 and recipe_lr(opts) == pytest.approx(0.1 * 4096 / 256)
     assert opts["momentum"] == 0.9 and opts["wd"] == 8e-5 and opts["label_smoothing"] == 0.1
     assert opts["warmup_steps"] > 0 and opts["steps"] > opts["warmup_steps"]
     assert {m.pretrain.dataset.name for m in pre} == {"imagenet"}

@@ -17,7 +17,7 @@ Hyper-parameters are options (there is no grid): ``wd`` here is torch's plain we
 **The recipe (defaults).** Kornblith et al. retrained every network with one Inception-style recipe
 (their App. A.3), because public checkpoints differ in exactly the regularisers that decide how well
 frozen features transfer (§4.1). The defaults are that recipe as this project reads it: SGD with
-Nesterov momentum 0.9, batch 4096 at learning rate 1.6 (0.1 × batch/256) with cosine decay
+Nesterov momentum 0.9, batch 4096 at learning rate 1.6 (``lr: 0`` means 0.1 × batch/256) with cosine decay
 (``warmup_steps`` of linear warmup before it, 0 by default: set it with the length of the run), weight
 decay 8e-5 on weights (not on biases or batch-norm parameters), label smoothing 0.1, dropout 0.2 before
 the classifier (TF-slim Inception's keep probability 0.8), the architecture's own auxiliary classifier
@@ -63,6 +63,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def recipe_lr(opts: dict[str, Any]) -> float:
+    """The peak learning rate: the ``lr`` option, or at 0 the recipe's linear scaling rule
+    0.1 × batch_size/256 (1.6 at batch 4096), so a smaller batch never inherits a large-batch rate."""
+    return float(opts["lr"]) or 0.1 * opts["batch_size"] / 256
+
+
 class Pretrain(Regime):
     """Train a random-init backbone on a source dataset; see the module docstring."""
 
@@ -72,7 +78,7 @@ class Pretrain(Regime):
     options = (
         Option("steps", 1000, "training steps", minimum=1),
         Option("batch_size", 4096, "global batch size (over all workers)", minimum=1),
-        Option("lr", 1.6, "peak learning rate (0.1 × batch/256; cosine decay)"),
+        Option("lr", 0.0, "peak learning rate, cosine-decayed (0: the recipe's 0.1 × batch_size/256)", minimum=0),
         Option("warmup_steps", 0, "linear learning-rate warmup steps before the cosine decay", minimum=0),
         Option("wd", 8e-5, "weight decay (torch's, unless wd_over_lr)", minimum=0),
         Option("wd_over_lr", False, "divide wd by the learning rate"),
@@ -133,6 +139,7 @@ class Pretrain(Regime):
             meta_path.unlink(missing_ok=True)  # no longer a complete checkpoint until the retrain ends
 
         opts = self.check_options(trial.options, f"regime {self.name} option")
+        opts["lr"] = recipe_lr(opts)
         self.check_hparams(trial.hparams, f"regime {self.name} (steps/lr/wd/... are options)")
         splits = splits_for("pretrain")
         ds = build_from_ref(trial.dataset, data_root=ctx.data_root, download=ctx.download)
