@@ -16,6 +16,14 @@ Checkpoint integrity: each checkpoint records its SHA-256 (``train_state.pt.sha2
 it is kept as ``train_state.prev.pt``. A resume verifies the checksum before loading; a truncated or
 corrupted checkpoint is logged, removed, and the run resumes from the previous one (or from scratch) —
 still exact, because a run's steps depend only on (seed, step).
+
+Data parallel: when a ``torch.distributed`` process group is already initialised (Ray Train's
+``TorchTrainer`` sets one up; ``xfer.distributed``), ``train`` runs as one rank of a data-parallel job:
+rank ``r`` of ``w`` takes positions ``r·b/w … (r+1)·b/w − 1`` of step ``t``'s global batch (augmented
+under the same per-position seeds), gradients are averaged by DDP and batch-norm statistics are computed
+over the global batch (``sync_batchnorm``), so ``w`` workers × ``b/w`` follow the same trajectory as one
+worker × ``b`` up to float rounding. Dropout and drop-path masks are drawn per rank (seeded by step and
+rank), so with those on the runs agree in distribution, not bit for bit. Only rank 0 writes checkpoints.
 """
 from __future__ import annotations
 
@@ -58,6 +66,17 @@ def cosine_lr(base_lr: float, step: int, total_steps: int) -> float:
     if total_steps <= 0:
         return base_lr
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+
+def lr_at(base_lr: float, step: int, total_steps: int, warmup_steps: int = 0) -> float:
+    """Learning rate of step ``step`` (0-based) with a linear warmup: ``base_lr·(step+1)/warmup`` for the
+    first ``warmup_steps`` steps, then cosine decay to 0 over the remaining steps (ImageNet-scale source
+    training at batch 4096 needs the warmup; without it, ``lr_at == cosine_lr``)."""
+    if warmup_steps <= 0:
+        return cosine_lr(base_lr, step, total_steps)
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    return cosine_lr(base_lr, step - warmup_steps, total_steps - warmup_steps)
 
 
 def torch_weight_decay(wd: float, lr: float, wd_over_lr: bool) -> float:
@@ -145,12 +164,160 @@ def pinned_threads(ctx: RunContext) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+# ------------------------------------------------------------------ source-training regularisers
+def fix_bn_scale(model: nn.Module) -> int:
+    """Batch norm without a learned scale: every γ set to 1 and frozen (TF-slim's ``scale=False``, how the
+    public Inception checkpoints were trained). The tensors stay, so the checkpoint loads anywhere."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
+            with torch.no_grad():
+                m.weight.fill_(1.0)
+            m.weight.requires_grad_(False)
+            n += 1
+    return n
+
+
+def aux_tap(model: nn.Module) -> tuple[str, int]:
+    """Where an attached auxiliary classifier reads from: the feature map at stride 16 (Inception's own
+    auxiliary heads sit on the 17×17 grid of a 299 input), else the last-but-one stage timm lists in
+    ``feature_info``. Returns (module name, channels)."""
+    info = getattr(model, "feature_info", None)
+    info = info.get_dicts() if hasattr(info, "get_dicts") else info
+    if not info or len(info) < 2:
+        raise ValueError(f"{type(model).__name__} lists no intermediate stages (timm feature_info); an auxiliary "
+                         "head cannot be attached to it")
+    pick = next((d for d in info if d.get("reduction") == 16), info[-2])
+    return str(pick["module"]), int(pick["num_chs"])
+
+
+class AuxClassifier(nn.Module):
+    """A backbone trained with an auxiliary classifier. In training mode ``forward`` returns
+    ``(logits, aux_logits)`` (``train`` adds ``aux_weight ×`` the auxiliary loss); in eval mode only the
+    logits, so evaluation and feature extraction see the plain network.
+
+    ``tap`` None: the architecture's own auxiliary head (timm ``aux_logits=True``, Inception v3), whose
+    outputs the model returns itself. Otherwise a head is attached at module ``tap`` (``channels``
+    wide): 1×1 conv to 128 → BN → ReLU → global average pool → linear, after TF-slim's Inception
+    auxiliary head, for architectures whose timm port has none (Inception v4, ResNets, the quickstart's
+    tiny networks). ``backbone_state_dict`` is the network without any auxiliary tensors: what transfer
+    loads."""
+
+    OWN_PREFIX = "AuxLogits."
+
+    def __init__(self, model: nn.Module, num_classes: int, tap: str | None = None, channels: int = 0) -> None:
+        super().__init__()
+        self.model = model
+        self.tap = tap
+        self._feature: torch.Tensor | None = None
+        self.head: nn.Module | None = None
+        if tap is not None:
+            self.head = nn.Sequential(nn.Conv2d(channels, 128, 1, bias=False), nn.BatchNorm2d(128),
+                                      nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                      nn.Linear(128, num_classes))
+            model.get_submodule(tap).register_forward_hook(self._keep)
+
+    def _keep(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        self._feature = output if self.training else None
+
+    def forward(self, x: torch.Tensor) -> Any:
+        out = self.model(x)
+        aux = None
+        if isinstance(out, (tuple, list)):  # the architecture's own head
+            out, aux = out
+        elif self.head is not None and self._feature is not None:
+            aux, self._feature = self.head(self._feature), None
+        return (out, aux) if self.training and aux is not None else out
+
+    def backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.model.state_dict().items() if not k.startswith(self.OWN_PREFIX)}
+
+
+# ------------------------------------------------------------------ data parallel
+def world() -> tuple[int, int]:
+    """``(rank, world size)`` of an initialised ``torch.distributed`` process group, else ``(0, 1)``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _sync_bn_forward(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """Batch norm over the *global* batch: per-channel sums of every rank, all-reduced (differentiably,
+    so the backward pass sees the other ranks' examples too). torch's SyncBatchNorm refuses CPU tensors;
+    this works on gloo (CPU) and NCCL alike. timm's BatchNormAct layers keep their drop + act."""
+    from torch.distributed.nn.functional import all_reduce
+
+    if not self.training or world()[1] == 1:
+        return type(self).forward(self, x)
+    c = x.shape[1]
+    dims = [0, *range(2, x.dim())]
+    count = x.new_full((1,), x.numel() // c)
+    total = all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
+    n = total[-1]
+    mean, var = total[:c] / n, (total[c:2 * c] / n - (total[:c] / n) ** 2).clamp_min(0)
+    shape = (1, c) + (1,) * (x.dim() - 2)
+    y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+    if self.affine:
+        y = y * self.weight.view(shape) + self.bias.view(shape)
+    if self.track_running_stats:
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+            self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1).clamp_min(1)), alpha=m)
+    for extra in ("drop", "act"):  # timm BatchNormAct2d: norm, then dropout and activation
+        if hasattr(self, extra):
+            y = getattr(self, extra)(y)
+    return y
+
+
+def sync_batchnorm(model: nn.Module) -> int:
+    """Make every batch-norm layer of ``model`` normalise over the global batch while a process group of
+    more than one rank is up (instance-level forward: the state dict and the layers' classes stay as they
+    are). Returns how many layers were switched."""
+    import types
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.forward = types.MethodType(_sync_bn_forward, m)
+            n += 1
+    return n
+
+
+def from_rank0(value: float) -> float:
+    """``value`` as rank 0 has it, on every rank (a no-op outside a data-parallel run)."""
+    if world()[1] == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return float(box[0])
+
+
+def _mean_over_ranks(value: torch.Tensor, size: int) -> torch.Tensor:
+    if size == 1:
+        return value
+    import torch.distributed as dist
+
+    out = value.detach().clone()
+    dist.all_reduce(out)
+    return out / size
+
+
 # ------------------------------------------------------------------ data plumbing
 class _StepBatches(Sampler[list[tuple[int, int, int]]]):
-    """Batches for steps ``start .. stop-1`` as lists of (step, position, index) keys."""
+    """Batches for steps ``start .. stop-1`` as lists of (step, position, index) keys; with ``size`` > 1
+    ranks, rank ``rank``'s contiguous share of each global batch (positions stay global, so every
+    example is augmented as it would be in a one-worker run)."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int) -> None:
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int, rank: int = 0,
+                 size: int = 1) -> None:
         self.n, self.batch_size, self.seed, self.start, self.stop = n, batch_size, seed, start, stop
+        self.lo, self.hi = rank * batch_size // size, (rank + 1) * batch_size // size
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         s = steps_per_epoch(self.n, self.batch_size)
@@ -160,7 +327,7 @@ class _StepBatches(Sampler[list[tuple[int, int, int]]]):
             if cached is None or cached[0] != epoch:
                 cached = (epoch, _permutation(self.n, self.seed, epoch))
             idx = cached[1][j * self.batch_size:(j + 1) * self.batch_size]
-            yield [(t, i, k) for i, k in enumerate(idx)]
+            yield [(t, i, k) for i, k in enumerate(idx) if self.lo <= i < self.hi]
 
     def __len__(self) -> int:
         return self.stop - self.start
@@ -192,6 +359,15 @@ def loss_fn(multilabel: bool, label_smoothing: float = 0.0) -> nn.Module:
     if multilabel:
         return nn.BCEWithLogitsLoss()
     return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+
+def _outputs_loss(out: Any, y: torch.Tensor, criterion: nn.Module, aux_weight: float) -> torch.Tensor:
+    """The training loss of a forward pass: ``(logits, aux_logits)`` (a model trained with an auxiliary
+    classifier, as Inception was) adds ``aux_weight ×`` the auxiliary head's loss."""
+    if isinstance(out, (tuple, list)):
+        logits, aux = out
+        return criterion(logits.float(), y) + aux_weight * criterion(aux.float(), y)
+    return criterion(out.float(), y)
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -284,6 +460,8 @@ class TrainConfig:
     wd_over_lr: bool = True
     momentum: float = 0.9
     label_smoothing: float = 0.0
+    warmup_steps: int = 0  # linear warmup before the cosine decay (source training; 0: none)
+    aux_weight: float = 0.4  # weight of an auxiliary classifier's loss, when the model returns one
     checkpoint_every: int = 1000
     log_every: int = 50
     eval_every: int = 0
@@ -297,7 +475,7 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        for name in ("checkpoint_every", "log_every", "eval_every"):
+        for name in ("checkpoint_every", "log_every", "eval_every", "warmup_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an integer >= 0 (0 = off), got {v!r}")
@@ -309,6 +487,10 @@ class TrainConfig:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
+        if not (self.aux_weight >= 0 and math.isfinite(self.aux_weight)):
+            raise ValueError(f"aux_weight must be a finite number >= 0, got {self.aux_weight!r}")
 
 
 @dataclass
@@ -326,15 +508,21 @@ def train(model: nn.Module, split: Dataset, data_config: DataConfig, cfg: TrainC
     Reports ``train_loss`` every ``log_every`` steps and ``periodic_eval(model)`` every ``eval_every``
     steps through ``ctx.report(step, metrics)`` (step = steps done). Writes a checkpoint to
     ``ctx.work_dir`` every ``checkpoint_every`` steps and at the end, and resumes from one written for
-    the same ``run_id``. Raises ``Diverged`` when the loss stops being finite."""
+    the same ``run_id``. Raises ``Diverged`` when the loss stops being finite. Inside an initialised
+    process group it is one rank of a data-parallel run (module docstring); every rank reports the same
+    (all-reduced) losses, and only rank 0 writes checkpoints."""
     device = ctx.resolved_device()
+    rank, size = world()
     n = len(split)  # type: ignore[arg-type]
     if n == 0:
         raise ValueError("the training split is empty")
     if cfg.batch_size > n:
         log.warning("batch_size %d > %d training examples: every batch is the whole split", cfg.batch_size, n)
+    if size > 1 and (cfg.batch_size % size or periodic_eval is not None):
+        raise ValueError(f"a data-parallel run over {size} workers needs a batch_size divisible by {size} (got "
+                         f"{cfg.batch_size}) and no periodic evaluation")
     spe = steps_per_epoch(n, cfg.batch_size)
-    set_bn_momentum(model, bn_momentum(spe))
+    set_bn_momentum(model, bn_momentum(spe))  # s is global steps per epoch: the same for any worker count
     for_device(model, device)
     opt = make_optimizer(model, lr=cfg.lr, wd=cfg.wd, momentum=cfg.momentum, wd_over_lr=cfg.wd_over_lr)
     ckpt = checkpoint_path(ctx)
@@ -342,27 +530,36 @@ def train(model: nn.Module, split: Dataset, data_config: DataConfig, cfg: TrainC
     criterion = loss_fn(multilabel, cfg.label_smoothing)
     if start >= cfg.steps:
         return TrainOutcome(start, last_loss, resumed_from=start)
+    net: nn.Module = model
+    if size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        sync_batchnorm(model)
+        net = DistributedDataParallel(model, device_ids=[torch.device(device).index or 0]
+                                      if device.startswith("cuda") else None)
+    writes = ckpt is not None and rank == 0
 
     loader = PIPELINES.get(cfg.pipeline).train(split, data_config, cfg, ctx, start, device)
     window_sum = torch.full((), window_total, dtype=torch.float32, device=device)
     devices = [torch.cuda.current_device()] if device.startswith("cuda") else []
     with torch.random.fork_rng(devices=devices):  # leave the caller's RNG as it was
-        model.train()
+        net.train()
         for t, (x, y) in enumerate(loader, start=start):
             x = x.to(device, non_blocking=True)
             y = (y.float() if multilabel else y.long()).to(device, non_blocking=True)
-            lr_t = cosine_lr(cfg.lr, t, cfg.steps)
+            lr_t = lr_at(cfg.lr, t, cfg.steps, cfg.warmup_steps)
             for g in opt.param_groups:
                 g["lr"] = lr_t
-            torch.manual_seed(mix(cfg.seed, "step", t))
+            torch.manual_seed(mix(cfg.seed, "step", t) if size == 1 else mix(cfg.seed, "step", t, "rank", rank))
             with _autocast(device):
-                loss = criterion(model(x).float(), y)
-            if not torch.isfinite(loss):
-                raise Diverged(f"loss became {loss.item()} at step {t} (lr {cfg.lr:g})")
+                loss = _outputs_loss(net(x), y, criterion, cfg.aux_weight)
+            seen = _mean_over_ranks(loss.detach(), size)  # every rank sees (and stops on) the same value
+            if not torch.isfinite(seen):
+                raise Diverged(f"loss became {seen.item()} at step {t} (lr {cfg.lr:g})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            window_sum += loss.detach()
+            window_sum += seen
             window_n += 1
             done = t + 1
             final = done == cfg.steps
@@ -371,7 +568,7 @@ def train(model: nn.Module, split: Dataset, data_config: DataConfig, cfg: TrainC
                 last_loss = float(window_sum) / window_n
                 window_sum.zero_()
                 window_n = 0
-            if ckpt is not None and (final or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
+            if writes and (final or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
                 # the partial loss window travels too, so a resumed run reports the same losses
                 save_checkpoint({"run_id": run_id, "step": done, "model": model.state_dict(),
                                  "optimizer": opt.state_dict(), "last_loss": last_loss,
@@ -446,8 +643,10 @@ def for_device(model: nn.Module, device: str) -> nn.Module:
 
 def _pil_train(split: Dataset, data_config: DataConfig, cfg: TrainConfig, ctx: RunContext, start: int,
                device: str) -> Batches:
+    rank, size = world()  # a data-parallel rank reads its share of every global batch
     loader = DataLoader(_SeededAugment(split, train_transform(data_config), cfg.seed),
-                        batch_sampler=_StepBatches(len(split), cfg.batch_size, cfg.seed, start, cfg.steps),  # type: ignore[arg-type]
+                        batch_sampler=_StepBatches(len(split), cfg.batch_size, cfg.seed, start, cfg.steps,  # type: ignore[arg-type]
+                                                   rank, size),
                         num_workers=ctx.num_workers, pin_memory=device.startswith("cuda"))
     for x, y in loader:
         yield _on_device(x, device), y
@@ -519,12 +718,18 @@ def _cached_train(split: Dataset, data_config: DataConfig, cfg: TrainConfig, ctx
                           num_workers=ctx.num_workers)
     augment = DeviceAugment(data_config, device)
     pin = device.startswith("cuda")
+    rank, size = world()  # a data-parallel rank reads its share of every global batch, augmented as in one worker
     steps = ((b[0][0], [k for _, _, k in b]) for b in _StepBatches(len(images), cfg.batch_size, cfg.seed,
                                                                      start, cfg.steps))
-    for (t, idx), x in _device_batches(images, steps, lambda job: job[1], device):
+
+    def share(idx: list[int]) -> slice:  # positions as _StepBatches' rank split
+        return slice(rank * cfg.batch_size // size, (rank + 1) * cfg.batch_size // size)
+
+    for (t, idx), x in _device_batches(images, steps, lambda job: job[1][share(job[1])], device):
         g = torch.Generator().manual_seed(mix(cfg.seed, "aug", t))
-        y = torch.from_numpy(images.targets(idx))
-        yield augment.train(x, torch.from_numpy(images.sizes(idx)), g), (y.pin_memory() if pin else y)
+        y = torch.from_numpy(images.targets(idx[share(idx)]))
+        keep = share(idx) if size > 1 else None
+        yield augment.train(x, torch.from_numpy(images.sizes(idx)), g, keep), (y.pin_memory() if pin else y)
 
 
 def _cached_eval(split: Dataset, data_config: DataConfig, *, device: str, batch_size: int, num_workers: int,

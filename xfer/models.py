@@ -294,15 +294,18 @@ def data_config_from_dict(d: Mapping[str, Any]) -> DataConfig:
 
 # ------------------------------------------------------------------ entry point
 def load_backbone(model: "ModelSpec", *, num_classes: int, ctx: "RunContext | None" = None,
-                  seed: int = 0) -> Backbone:
+                  seed: int = 0, create_kwargs: Mapping[str, Any] | None = None) -> Backbone:
     """Build ``model.arch`` with weights from ``model.weights`` and a new ``num_classes``-way head
     (0: no head, pooled features). ``seed`` fixes every random initialisation (the head, or the whole
-    network for ``random``) without disturbing the caller's RNG."""
+    network for ``random``) without disturbing the caller's RNG. ``create_kwargs`` go to
+    ``timm.create_model`` as they are (source training's regularisers: ``drop_rate`` — dropout before the
+    classifier — and ``aux_logits`` for an architecture with its own auxiliary classifier, whose tensors the
+    pretrain regime leaves out of the checkpoint it saves)."""
     if not isinstance(num_classes, int) or num_classes < 0:
         raise ModelLoadError(f"num_classes must be an integer >= 0, got {num_classes!r}")
     check_arch(model.arch, pretrained=model.weights == "hub")
     loader = WEIGHT_SOURCES.get(model.weights)
-    kwargs = _create_kwargs(model)
+    kwargs = {**_create_kwargs(model), **dict(create_kwargs or {})}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         loaded = loader(model, num_classes, ctx, kwargs, seed)

@@ -843,6 +843,16 @@ def build_report(results: pd.DataFrame, out_dir: str | Path,
         files.update(report_estimators.write_files(section, out))
         section.render(doc, files)
 
+    from xfer import report_regularizers as regs  # the paper's §4.1 view, when models differ in source training
+
+    if regs.has_settings(results):
+        view = regs.regularizer_table(results)
+        files["fig_regularizers"] = _save(regs.plot_regularizers(view), out / "fig_regularizers.png")
+        doc.h("Source-training regularisers")
+        doc.p(regs.TEXT)
+        doc.table(view, pct=regs.PCT_COLUMNS)
+        doc.img(files["fig_regularizers"], regs.FIG_CAPTION)
+
     doc.h("Missing results")
     if missing.empty:
         doc.p("None: every model × dataset × regime cell has a result.")

@@ -40,7 +40,7 @@ TOP_KEYS = {
     "models": "list of models",
     "datasets": "list of dataset names or {name, label, options...}",
     "regimes": "mapping regime -> {grid: {...}, options...}",
-    "resources": "mapping regime -> {cpu, gpu} per trial (+ models: {model name: {cpu, gpu}} to pack small models)",
+    "resources": "mapping regime -> {cpu, gpu} per trial (+ models: {model name: {cpu, gpu}} to pack small models; pretrain also workers: N, each with cpu/gpu)",
     "search": "{type: grid} (default) or {type: optuna, num_samples, seed}",
     "final": "{enabled: true} — retrain the best config on train+val and test once",
     "max_concurrent": "cap on trials running at once (default: as resources allow)",
@@ -51,7 +51,7 @@ TOP_KEYS = {
 MODEL_KEYS = ("name", "arch", "weights", "weights_file", "pretrain", "source_top1", "input_size", "paper_name",
               "stand_in")
 SEARCH_TYPES = ("grid", "optuna")
-RESOURCE_KEYS = ("cpu", "gpu", "models")
+RESOURCE_KEYS = ("cpu", "gpu", "models", "workers")  # workers: pretrain only (data-parallel, xfer.distributed)
 AMOUNT_KEYS = ("cpu", "gpu")
 
 
@@ -293,6 +293,8 @@ class SweepSpec:
         res = {"cpu": 1.0, "gpu": 0.0}
         regime_res = self.resources.get(regime, {})
         res.update({k: float(v) for k, v in regime_res.items() if k in AMOUNT_KEYS})
+        if "workers" in regime_res:  # pretrain: data-parallel workers, each with this cpu/gpu
+            res["workers"] = int(regime_res["workers"])
         res.update({k: float(v) for k, v in (regime_res.get("models") or {}).get(model, {}).items()})
         return res
 
@@ -367,6 +369,12 @@ def parse_spec(raw: Any, path: str | None = None) -> SweepSpec:
             _expect(isinstance(mres, Mapping), f"spec.resources.{r}.models.{m}", "expected {cpu: N, gpu: N}")
             _check_keys(mres, AMOUNT_KEYS, f"spec.resources.{r}.models.{m}")
             _check_amounts(mres, f"spec.resources.{r}.models.{m}")
+        if "workers" in res:
+            v = res["workers"]
+            _expect(r == "pretrain", f"spec.resources.{r}.workers",
+                    "only pretrain trials run data-parallel over several workers; other regimes take cpu, gpu")
+            _expect(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"spec.resources.{r}.workers",
+                    f"an integer >= 1 (Ray Train workers, each with this cpu/gpu), got {v!r}")
     search = dict(raw.get("search") or {"type": "grid"})
     _check_keys(search, ("type", "num_samples", "seed"), "spec.search")
     _expect(search.get("type", "grid") in SEARCH_TYPES, "spec.search.type",

@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Mapping, Sequence
+from typing import IO, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -64,14 +64,17 @@ def _entry(trial: TrialSpec, record: TrialRecord, ctx: RunContext, shared: Seque
 
 
 def execute_trial(trial: TrialSpec, layout: StorageLayout, *, download: bool, report: Reporter,
-                  shared: Sequence[ModelSpec] = ()) -> dict[str, Any]:
+                  shared: Sequence[ModelSpec] = (),
+                  runner: Callable[[TrialSpec, RunContext], TrialRecord] | None = None) -> dict[str, Any]:
     """Run one trial and turn its record into the final result the callbacks read. ``shared``: other
     model entries whose trial is this same key (their source accuracies are recorded with it).
-    Plain Python (no Ray), so the adapter's behaviour is testable without a cluster."""
+    ``runner``: how to run it (default ``regimes.run_trial`` in this process; a data-parallel pretrain
+    trial passes ``xfer.distributed``'s). Plain Python (no Ray), so the adapter's behaviour is testable
+    without a cluster."""
     from xfer.regimes import run_trial
 
     ctx = RunContext(layout=layout, download=download, work_dir=layout.work_dir(trial.key), report=report)
-    record = run_trial(trial, ctx)
+    record = (runner or run_trial)(trial, ctx)
     entry = _entry(trial, record, ctx, shared)
     result: dict[str, Any] = {writer.FINAL: True, writer.STEP: entry["step"], writer.RECORD: entry["record"],
                               # a diverged or failed trial is a searcher's worst outcome
@@ -102,9 +105,12 @@ def execute_batch(jobs: Sequence[tuple[TrialSpec, Sequence[ModelSpec]]], layout:
 
 
 def _trainable(config: dict[str, Any], *, storage: str, data_root: str, download: bool,
-               plugins: Sequence[str] = ()) -> None:
-    """The Ray Tune function trainable (thin: everything happens in execute_trial / execute_batch)."""
+               plugins: Sequence[str] = (), pretrain_resources: Mapping[str, float] | None = None) -> None:
+    """The Ray Tune function trainable (thin: everything happens in execute_trial / execute_batch).
+    ``pretrain_resources`` with ``workers`` > 1: pretrain trials run data-parallel (``xfer.distributed``)."""
     from ray import tune
+
+    from xfer import distributed
 
     import_plugins(plugins)  # (torch's thread count is pinned per trial by run_trial)
     layout = StorageLayout(Path(storage), Path(data_root))
@@ -122,7 +128,8 @@ def _trainable(config: dict[str, Any], *, storage: str, data_root: str, download
         latest.update({writer.OBJECTIVE: v for k, v in values.items() if k.startswith("val_")})
         tune.report({writer.STEP: int(step), **values, **latest})
 
-    tune.report(execute_trial(trial, layout, download=download, report=report, shared=shared))
+    runner = distributed.runner_for(trial, dict(pretrain_resources or {}), download=download, plugins=plugins)
+    tune.report(execute_trial(trial, layout, download=download, report=report, shared=shared, runner=runner))
 
 
 def trial_configs(trials: Sequence[TrialSpec], batch: bool = True,
@@ -208,6 +215,8 @@ def _resources(spec: SweepSpec):
     def for_config(config: dict[str, Any]):
         trial = config["trial"]
         res = spec.resources_for(trial["regime"], (trial.get("model") or {}).get("name"))
+        if res.get("workers", 1) > 1:  # data-parallel: the workers hold the resources, the trial only drives them
+            return tune.PlacementGroupFactory([{"CPU": 1.0}])
         bundle = {"CPU": float(res["cpu"])}
         if res["gpu"]:
             bundle["GPU"] = float(res["gpu"])
@@ -234,7 +243,8 @@ def _tune_parts(spec: SweepSpec, paths: StorageLayout):
 
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, storage=str(paths.storage), data_root=str(paths.data_root),
-                             download=spec.download, plugins=tuple(spec.plugins)),
+                             download=spec.download, plugins=tuple(spec.plugins),
+                             pretrain_resources=spec.resources_for("pretrain")),
         _resources(spec))
     return trainable
 

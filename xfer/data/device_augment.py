@@ -170,10 +170,15 @@ class DeviceAugment:
         y = torch.empty(x.shape, dtype=torch.float32, device=x.device, memory_format=fmt).copy_(x)
         return y.mul_(self._scale).add_(self._shift)
 
-    def train(self, images: Images, sizes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Random-resized crop + flip + normalise; the random draws come from ``generator`` (CPU) only."""
+    def train(self, images: Images, sizes: torch.Tensor, generator: torch.Generator,
+              keep: slice | None = None) -> torch.Tensor:
+        """Random-resized crop + flip + normalise; the random draws come from ``generator`` (CPU) only.
+        ``keep``: ``images`` are these rows of the batch whose ``sizes`` are given (one rank's share of a
+        data-parallel batch): the draws are the whole batch's, so each image is augmented as in one worker."""
         boxes = crop_params(sizes, generator)
         flips = flip_mask(len(boxes), generator)
+        if keep is not None:
+            boxes, flips = boxes[keep], flips[keep]
         return self.normalise(self.resample(images, boxes.double(), self.cfg.input_size, self.cfg.interpolation,
                                             flips))
 

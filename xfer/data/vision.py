@@ -373,6 +373,29 @@ def _voc2007(name: str, root: Path, download: bool, opts: Mapping[str, Any]) -> 
     return Loaded(pools, parts, list(VOC_CLASSES), rule)
 
 
+def _imagenet(name: str, root: Path, download: bool, opts: Mapping[str, Any]) -> Loaded:
+    """ILSVRC-2012 through torchvision's ``ImageNet`` (it parses the official archives under
+    ``root/imagenet``: ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar, ILSVRC2012_devkit_t12.tar.gz; it
+    cannot download them). Test is the official validation set (its test labels are not public); a
+    held-out validation is drawn from train. An already unpacked folder works through ``imagefolder``."""
+    where = root / "imagenet"
+    if download:
+        log.warning("imagenet: torchvision cannot download ImageNet; reading the archives under %s", where)
+    pools: Pools = {}
+    for pool, split in (("train", "train"), ("test", "val")):
+        try:
+            ds = torchvision.datasets.ImageNet(root=str(where), split=split)
+        except (RuntimeError, FileNotFoundError, OSError) as e:
+            raise DatasetNotFoundError(
+                f"{name}: no ImageNet under {where} ({_why(e)}); put the official archives there "
+                "(ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar, ILSVRC2012_devkit_t12.tar.gz), or use "
+                "`{name: imagefolder, path: DIR}` with DIR/train/<class>/ and DIR/test/<class>/ folders") from None
+        pools[pool] = FileImages([s[0] for s in ds.samples], [s[1] for s in ds.samples])
+        classes = [c[0] if isinstance(c, tuple) else c for c in ds.classes]
+    parts, rule = _heldout(pools, opts)
+    return Loaded(pools, parts, classes, rule)
+
+
 # --------------------------------------------------------------------------------------- registry
 def _builder(load: Callable[..., Loaded]) -> Callable[..., SplitDataset]:
     def build(*, name: str, root: Path, download: bool, **opts: Any) -> SplitDataset:
@@ -423,6 +446,9 @@ _TABLE: dict[str, tuple[PaperSplits, str, str, Callable[..., Loaded], dict[str, 
                    "Caltech-101 with the background class: 30 random train images per class, the rest test"),
     "flowers102": (PaperSplits(102, 2_040, 6_149, val=1_020), "mean_per_class", "official", _flowers102, {},
                    "Oxford 102 Flowers (Nilsback & Zisserman)"),
+    # the source task of source training (pretrain): train+val train, the official val is its test
+    "imagenet": (PaperSplits(1000, 1_281_167, 50_000), "top1", "heldout", _imagenet, {**HELDOUT, "val_fraction": 0.01},
+                 "ImageNet ILSVRC-2012 (source training; test = the official validation set)"),
 }
 
 _CHOICES: dict[str, tuple[Any, ...]] = {"difficult": tuple(VOC_DIFFICULT)}

@@ -82,7 +82,8 @@ class Option:
     help: str = ""
     affects_result: bool = True
     minimum: float | None = None
-    choices: tuple[Any, ...] | None = None  # the valid values, when there are only a few
+    maximum: float | None = None  # exclusive: a probability such as dropout must stay below 1
+    choices: tuple[Any, ...] | None = None  # the only valid values, when the option is one of a few named settings
 
 
 class Regime:
@@ -127,14 +128,17 @@ class Regime:
                        hparam_defaults=tuple((a.name, float(a.default)) for a in self.cell_axes))
 
     def check_options(self, raw: Mapping[str, Any], path: str) -> dict[str, Any]:
-        """The defaults overlaid with ``raw``; unknown names, wrong kinds and values below an option's
-        minimum are OptionErrors naming ``path``."""
+        """The defaults overlaid with ``raw``; unknown names, wrong kinds, values outside an option's
+        [minimum, maximum) and values not among its choices are OptionErrors naming ``path``."""
         out = check_options(raw, self.defaults, path)
         for o in self.options:
             if o.minimum is not None and is_number(out[o.name]) and out[o.name] < o.minimum:
                 raise OptionError(f"{path}.{o.name}: must be >= {o.minimum:g}, got {out[o.name]!r}")
-            if o.choices is not None and out[o.name] not in o.choices:
-                raise OptionError(f"{path}.{o.name}: {out[o.name]!r} is not one of {', '.join(map(str, o.choices))}")
+            if o.maximum is not None and is_number(out[o.name]) and out[o.name] >= o.maximum:
+                raise OptionError(f"{path}.{o.name}: must be below {o.maximum:g}, got {out[o.name]!r}")
+            if o.choices and out[o.name] not in o.choices:
+                raise OptionError(f"{path}.{o.name}: must be one of {', '.join(map(str, o.choices))}, "
+                                  f"got {out[o.name]!r}")
         return out
 
     def check_hparams(self, hparams: Mapping[str, Any], path: str) -> dict[str, float]:
