@@ -194,7 +194,7 @@ def test_bad_options_fail_with_the_valid_names(tmp_path):
 
 def test_regimes_are_registered_with_their_defaults():
     ft, sc = REGIMES.get("finetune"), REGIMES.get("scratch")
-    assert ft.axis_names == sc.axis_names == ("lr", "wd")
+    assert ft.axis_names == sc.axis_names == ("lr", "wd", "schedule", "train_size")
     assert ft.defaults["steps"] == 20000 and sc.defaults["steps"] == 40000
     assert ft.defaults["batch_size"] == 256 and ft.defaults["wd_over_lr"] is True and ft.defaults["momentum"] == 0.9
 

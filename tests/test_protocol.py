@@ -27,7 +27,7 @@ def logspace(a: float, b: float, n: int) -> list[float]:
 
 
 # ------------------------------------------------------------------ the sweep files' values
-@pytest.mark.parametrize("name", ["kornblith2019.yaml", "kornblith2019-retrained.yaml"])
+@pytest.mark.parametrize("name", ["kornblith2019-public.yaml", "kornblith2019-retrained.yaml"])
 def test_paper_sweep_files_hold_the_papers_grids(name):
     spec = load_spec(SWEEPS / name)
     regimes = {r.name: r for r in spec.regimes}
