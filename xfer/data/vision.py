@@ -446,9 +446,6 @@ _TABLE: dict[str, tuple[PaperSplits, str, str, Callable[..., Loaded], dict[str, 
                    "Caltech-101 with the background class: 30 random train images per class, the rest test"),
     "flowers102": (PaperSplits(102, 2_040, 6_149, val=1_020), "mean_per_class", "official", _flowers102, {},
                    "Oxford 102 Flowers (Nilsback & Zisserman)"),
-    # the source task of source training (pretrain): train+val train, the official val is its test
-    "imagenet": (PaperSplits(1000, 1_281_167, 50_000), "top1", "heldout", _imagenet, {**HELDOUT, "val_fraction": 0.01},
-                 "ImageNet ILSVRC-2012 (source training; test = the official validation set)"),
 }
 
 _CHOICES: dict[str, tuple[Any, ...]] = {"difficult": tuple(VOC_DIFFICULT)}
@@ -473,3 +470,11 @@ for _name, (_paper, _metric, _rule, _load, _opts, _desc) in _TABLE.items():
         option_help={k: _OPTION_HELP[k] for k in _opts}, paper=_paper,
         choices={k: v for k, v in _CHOICES.items() if k in _opts},
     ))
+
+# the source task of source training (pretrain), not a transfer target: no published transfer-study sizes.
+# train+val trains (1 % held out), the official validation set is its test
+DATASETS.add("imagenet", DatasetEntry(
+    info=DatasetInfo(name="imagenet", num_classes=1000, metric="top1", val_rule="heldout", multilabel=False,
+                     description="ImageNet ILSVRC-2012 (source training; test = the official validation set)"),
+    options={**HELDOUT, "val_fraction": 0.01}, builder=_builder(_imagenet), downloadable=True,
+    option_help={k: _OPTION_HELP[k] for k in HELDOUT}))
