@@ -138,8 +138,8 @@ def test_preflight_probes_every_folder_the_layout_names(tmp_path, small_fs):
     layout = StorageLayout(tmp_path / "storage", tmp_path / "data")
     assert layout.preflight(min_free=0) > 0  # a healthy storage: every folder made and probed
     assert all(f.is_dir() for f in layout.folders())
-    assert {f.name for f in layout.folders()} == {"checkpoints", "trials", "predictions", "features", "ray", "reports",
-                                                   "journal"}
+    assert {f.name for f in layout.folders()} == {"checkpoints", "trials", "predictions", "features", "image_cache",
+                                                   "ray", "reports", "journal"}
     fs = small_fs(size="1m", at=layout.features_dir)  # one folder on a read-only mount
     fs.read_only()
     with pytest.raises(io.StorageError, match=f"read-only file system at storage folder {layout.features_dir}:"):

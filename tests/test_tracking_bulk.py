@@ -72,10 +72,8 @@ def test_a_bad_run_writes_nothing_of_its_batch(client, monkeypatch):
         bulk.create_runs(c, exp, [_run(1), _run(2, status="RUNNINGX")])
     assert c.search_runs([exp]) == []
     # a failure inside the database (here: two runs with one id) rolls the whole batch back
-    import uuid
-
-    same = uuid.uuid4()
-    monkeypatch.setattr(bulk.uuid, "uuid4", lambda: same)
+    same = bulk.ordered_run_id()
+    monkeypatch.setattr(bulk, "ordered_run_id", lambda: same)
     with pytest.raises(Exception, match="(?i)unique|integrity|constraint"):
         bulk.create_runs(c, exp, [_run(1), _run(2)])
     assert c.search_runs([exp]) == []
@@ -92,3 +90,22 @@ def test_other_stores_use_the_client_three_calls_a_run(client, monkeypatch):
     ids = bulk.create_runs(c, exp, [_run(1), _run(2)])
     assert calls == ["create_run", "log_batch", "set_terminated"] * 2
     assert [c.get_run(i).info.status for i in ids] == ["FINISHED", "FINISHED"]
+
+
+def test_run_ids_are_time_ordered_uuid7_and_unique(client, monkeypatch):
+    """Ordered ids keep MLflow's run_uuid-keyed B-trees appending (flat cost per run as an experiment grows):
+    they must increase even within one millisecond or when the clock steps back, look like UUIDv7, and be
+    accepted by MLflow as run ids."""
+    import uuid
+
+    ids = [bulk.ordered_run_id() for _ in range(5000)]  # far more than one per millisecond
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    u = uuid.UUID(hex=ids[0])
+    assert u.version == 7 and u.variant == uuid.RFC_4122 and len(ids[0]) == 32
+    monkeypatch.setattr(bulk.time, "time_ns", lambda: 1_000_000)  # a clock far in the past
+    later = bulk.ordered_run_id()
+    assert later > ids[-1]
+    c, exp = client
+    made = bulk.create_runs(c, exp, [_run(1), _run(2)])
+    assert made == sorted(made)
+    assert [c.get_run(r).info.run_id for r in made] == made

@@ -89,8 +89,8 @@ class StorageLayout:
     def folders(self) -> tuple[Path, ...]:
         """Every top-level folder a sweep writes under the storage root."""
         s = self.storage
-        return (s / "checkpoints", s / "trials", s / "predictions", self.features_dir, self.ray, s / "reports",
-                s / "journal")
+        return (s / "checkpoints", s / "trials", s / "predictions", self.features_dir, self.image_cache_dir, self.ray,
+                s / "reports", s / "journal")
 
     def preflight(self, min_free: int = DEFAULT_MIN_FREE) -> int:
         """Before any trial starts: the storage root and each of its folders take a probe file, and at
