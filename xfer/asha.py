@@ -16,10 +16,11 @@ where the tag stays), so every audited cell has both picks — ASHA's (best amon
 and the full grid's — and the final stage tests both (``xfer.report_asha`` compares them). Other regimes
 (the probe's λ path) run their full grid as usual. Each grid trial is its own Ray trial (no
 ``trials_per_task``), and ``--resume`` is a rerun (the scheduler's state is not restored).
+``xfer.sweep`` runs the passes (``SEARCHES["asha"]``); this module is the scheduler.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
@@ -88,18 +89,3 @@ def stoppable(trials: Sequence[TrialSpec]) -> tuple[list[TrialSpec], list[TrialS
     """(trials of early-stopping regimes, the others)."""
     ours = [t for t in trials if REGIMES.get(t.regime).early_stopping]
     return ours, [t for t in trials if not REGIMES.get(t.regime).early_stopping]
-
-
-def run_asha(trials: Sequence[TrialSpec], *, spec: Any, **kw: Any) -> list:
-    """The grid stage under ASHA: the other regimes' full grid, then the early-stopping regimes' trials
-    under ``CellASHA``, then (``audit``) the trials it stopped, to the end. Returns the stage outcomes."""
-    from xfer.sweep import run_stage
-
-    search: Mapping[str, Any] = spec.search
-    ours, others = stoppable(trials)
-    out = [run_stage("grid", others, spec=spec, **kw)] if others else []
-    asha = CellASHA(search["grace_steps"], search.get("reduction_factor", 3))
-    out.append(run_stage("grid", ours, spec=spec, scheduler=asha, label="grid-asha", **kw))
-    if search.get("audit"):
-        out.append(run_stage("grid", ours, spec=spec, label="grid-audit", **kw))
-    return out

@@ -435,10 +435,19 @@ def _optuna_search(trials: Sequence[TrialSpec], **kw: Any) -> list[StageOutcome]
     return [run_search(trials, **kw)]
 
 
-def _asha_search(trials: Sequence[TrialSpec], **kw: Any) -> list[StageOutcome]:
-    from xfer.asha import run_asha
+def _asha_search(trials: Sequence[TrialSpec], *, spec: SweepSpec, **kw: Any) -> list[StageOutcome]:
+    """``search: {type: asha}`` (``xfer.asha``): the other regimes' full grid, then the early-stopping
+    regimes' trials under ``CellASHA``, then (``audit``) the trials it stopped, run to the end (a plain
+    grid pass: they are not finished, so it runs them, into their own MLflow runs)."""
+    from xfer.asha import CellASHA, stoppable
 
-    return run_asha(trials, **kw)
+    ours, others = stoppable(trials)
+    out = [run_stage("grid", others, spec=spec, **kw)] if others else []
+    asha = CellASHA(spec.search["grace_steps"], spec.search["reduction_factor"])
+    out.append(run_stage("grid", ours, spec=spec, scheduler=asha, label="grid-asha", **kw))
+    if spec.search["audit"]:
+        out.append(run_stage("grid", ours, spec=spec, label="grid-audit", **kw))
+    return out
 
 
 # search type (``spec.SEARCH_KEYS``) -> how the grid stage runs: its stage outcomes
