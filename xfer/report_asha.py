@@ -118,17 +118,19 @@ def plot(table: pd.DataFrame) -> Any:
     same = t["same"].to_numpy(bool)
     ax.scatter(x[same], y[same], color="#1f77b4", label="same configuration", zorder=3)
     ax.scatter(x[~same], y[~same], facecolors="none", edgecolors="#d62728", label="different configuration", zorder=3)
+    one_regime = t["regime"].nunique() <= 1
     for xi, yi, (_, r) in zip(x, y, t.iterrows()):
-        ax.annotate(f"{r['model']}/{r['dataset']}/{r['regime']}", (xi, yi), fontsize=6, xytext=(3, 3),
-                    textcoords="offset points")
+        name = f"{r['model']}/{r['dataset']}" + ("" if one_regime else f"/{r['regime']}")
+        ax.annotate(name, (xi, yi), fontsize=6, xytext=(3, -8), textcoords="offset points")
     lo, hi = (min(x.min(), y.min()), max(x.max(), y.max())) if len(t) else (0.0, 100.0)
     pad = max(1.0, 0.05 * (hi - lo))
     ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="#888", lw=0.8, ls="--", zorder=1)
     ax.set_xlim(lo - pad, hi + pad)
     ax.set_ylim(lo - pad, hi + pad)
+    ax.set_aspect("equal")  # the diagonal at 45°: distance from it is the accuracy lost
     ax.set_xlabel("full grid's pick: test accuracy (%)")
     ax.set_ylabel("ASHA's pick: test accuracy (%)")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left")
     ax.grid(True, alpha=0.3)
     return fig
 
