@@ -44,7 +44,8 @@ def _config(row: pd.Series) -> tuple[str, tuple]:
         return "—", ()
     axes = REGIMES.get(row["regime"]).axes
     hp = {a.name: float(row[a.name]) for a in axes}
-    return REGIMES.get(row["regime"]).describe(hp) or "defaults", tuple(select._norm(v) for v in hp.values())
+    # 12 significant digits: values that went through MLflow's string params still compare equal
+    return REGIMES.get(row["regime"]).describe(hp) or "defaults", tuple(float(f"{v:.12g}") for v in hp.values())
 
 
 def comparison(runs: pd.DataFrame, stops: Mapping[str, int], budgets: Mapping[str, int],
