@@ -23,15 +23,43 @@ log = logging.getLogger(__name__)
 
 
 def final_trials_for(spec: SweepSpec, uri: str, stream: IO[str] | None = None) -> list[TrialSpec]:
-    """Best-on-validation per cell among this spec's grid trials → final-stage TrialSpecs."""
+    """Best-on-validation per cell among this spec's grid trials → final-stage TrialSpecs. Where ASHA
+    stopped trials (``search: {type: asha}``), its own pick — best among the trials it let finish — is
+    tested too when an audit made the full grid pick another configuration (its final trial has its own
+    key); the report compares the two (``xfer.report_asha``)."""
     out = stream or sys.stdout
     grid = spec.grid_trials()
-    selection = select.select_best(tracking.load_runs(uri, spec.name), trials=grid)
+    runs = tracking.load_runs(uri, spec.name)
+    selection = select.select_best(runs, trials=grid)
     missing = selection[selection["status"] == "missing"]
     for row in missing.itertuples(index=False):
         print(f"final: no finished grid trial for {row.model} / {row.dataset} / {row.regime} — reported as missing",
               file=out)
-    return select.final_trials(selection, grid)
+    finals = select.final_trials(selection, grid)
+    stops = tracking.asha_stops(uri, spec.name)
+    if stops:
+        from xfer import report_asha
+
+        keys = {t.key for t in finals}
+        extra = [t for t in select.final_trials(report_asha.asha_selection(runs, stops, grid), grid) if t.key not in keys]
+        if extra:
+            print(f"final: {len(extra)} cell(s) where ASHA's pick differs from the full grid's: testing both", file=out)
+        finals += extra
+    return finals
+
+
+def asha_from_mlflow(uri: str, spec: SweepSpec | None) -> pd.DataFrame | None:
+    """The ASHA comparison table (``xfer.report_asha.comparison``) of a sweep that searched with ASHA;
+    None otherwise (it needs the sweep file: the steps of a full trial come from its options)."""
+    if spec is None or spec.search.get("type") != "asha":
+        return None
+    from xfer import report_asha
+    from xfer.regimes import REGIMES
+
+    grid = spec.grid_trials()
+    budgets = {t.key: REGIMES.get(t.regime).budget(t) for t in grid if REGIMES.get(t.regime).early_stopping}
+    return report_asha.comparison(tracking.load_runs(uri, spec.name), tracking.asha_stops(uri, spec.name), budgets,
+                                  grid)
 
 
 def results_from_mlflow(uri: str, experiment: str, grid: list[TrialSpec] | None = None) -> pd.DataFrame:
@@ -79,7 +107,8 @@ def _curves(uri: str, results: pd.DataFrame) -> dict[str, Any]:
 
 
 def build(results: pd.DataFrame, out_dir: Path, *, uri: str | None, title: str,
-          stream: IO[str] | None = None, experiment: str | None = None) -> dict[str, Any]:
+          stream: IO[str] | None = None, experiment: str | None = None,
+          asha: pd.DataFrame | None = None) -> dict[str, Any]:
     from xfer import report
 
     out = stream or sys.stdout
@@ -87,9 +116,13 @@ def build(results: pd.DataFrame, out_dir: Path, *, uri: str | None, title: str,
     est, grid_seconds = estimates_from_mlflow(uri, experiment) if uri and experiment else (None, None)
     made = report.build_report(results, out_dir, predictions=preds, title=title,
                                curves=_curves(uri, results) if uri else None, estimates=est,
-                               grid_seconds=grid_seconds)
+                               grid_seconds=grid_seconds, asha=asha)
     for line in made.summary_lines():
         print(f"headline {line}", file=out)
+    if asha is not None:
+        from xfer import report_asha
+
+        print(f"asha: {report_asha.headline(report_asha.summary(asha))}", file=out)
     if "estimators_json" in made.files:
         import json
 
@@ -106,7 +139,8 @@ def write_report(spec: SweepSpec, uri: str, parent_run_id: str | None, layout: S
     out_dir = Path(report_dir) if report_dir else layout.report_dir(spec.name)
     results = results_from_mlflow(uri, spec.name, spec.grid_trials())
     results = report_regularizers.with_settings(results, spec.models)  # each model's source-training settings
-    made = build(results, out_dir, uri=uri, title=f"xfer study: {spec.name}", stream=stream, experiment=spec.name)
+    made = build(results, out_dir, uri=uri, title=f"xfer study: {spec.name}", stream=stream, experiment=spec.name,
+                 asha=asha_from_mlflow(uri, spec))
     if parent_run_id:
         tracking.log_report(uri, parent_run_id, list(made["files"].values()))
     return made
@@ -129,5 +163,6 @@ def report_cli(args) -> int:
     if spec is not None:
         results = report_regularizers.with_settings(results, spec.models)
     out_dir = Path(args.out or Path("reports") / args.experiment)
-    build(results, out_dir, uri=uri, title=f"xfer study: {args.experiment}", experiment=args.experiment)
+    build(results, out_dir, uri=uri, title=f"xfer study: {args.experiment}", experiment=args.experiment,
+          asha=asha_from_mlflow(uri, spec))
     return 0

@@ -13,7 +13,7 @@ from typing import IO, Any
 
 from ray.tune import Callback
 
-from xfer.tracking.writer import FINAL, final_entries
+from xfer.tracking.writer import FINAL, STEP, VAL, final_entries
 from xfer.trial import TrialSpec
 
 
@@ -36,6 +36,7 @@ class StageProgress:
     done: int = 0
     failed: int = 0
     diverged: int = 0
+    stopped: int = 0  # ended early by a scheduler (ASHA): no result
     running: set[str] = field(default_factory=set)
     best: dict[tuple[str, str, str], tuple[float, str, str]] = field(default_factory=dict)
 
@@ -50,6 +51,8 @@ class StageProgress:
             self.failed += 1
         elif status == "diverged":
             self.diverged += 1
+        elif status == "stopped":
+            self.stopped += 1
         cell = (cfg["model"]["name"], cfg["dataset"].get("label") or cfg["dataset"]["name"], cfg["regime"])
         name, value = _headline(metrics, cfg.get("stage", "grid"))
         if status == "finished" and value is not None:
@@ -62,7 +65,7 @@ class StageProgress:
 
     def status_line(self) -> str:
         return (f"[{self.stage}] {self.done}/{self.total} done · {len(self.running)} running · "
-                f"{self.failed} failed · {self.diverged} diverged")
+                f"{self.failed} failed · {self.diverged} diverged" + (f" · {self.stopped} stopped" if self.stopped else ""))
 
     def best_table(self) -> list[str]:
         rows = [f"best so far ({self.stage}):"]
@@ -117,6 +120,14 @@ class ProgressCallback(Callback):
             self._finished.add(trial.trial_id)
             err = str(trial.error_file or "worker error")
             self._print(self.progress.finish(trial.trial_id, _trial_dict(trial), "failed", {"message": err}))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        """Completed without its final result: a scheduler (ASHA) stopped it."""
+        if trial.trial_id not in self._finished:
+            self._finished.add(trial.trial_id)
+            last = trial.last_result or {}
+            message = f"at step {last.get(STEP, '?')}" + (f", validation {last[VAL]:.3f}" if VAL in last else "")
+            self._print(self.progress.finish(trial.trial_id, _trial_dict(trial), "stopped", {"message": message}))
 
     def on_step_end(self, iteration, trials, **info):
         now = time.monotonic()

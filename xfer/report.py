@@ -670,7 +670,7 @@ def build_report(results: pd.DataFrame, out_dir: str | Path,
                  alpha: float = stats.ALPHA, n_permutations: int = 1_000,
                  metric_fn: Callable[[str], stats.MetricFn] | None = None,
                  curves: Mapping[str, report_curves.Curve] | None = None, estimates: pd.DataFrame | None = None,
-                 grid_seconds: Mapping[str, float] | None = None) -> Report:
+                 grid_seconds: Mapping[str, float] | None = None, asha: pd.DataFrame | None = None) -> Report:
     """Analyse a results table and write the report files into ``out_dir`` (see the module docstring).
 
     ``predictions`` maps (model, dataset, regime) to the final run's per-example test outputs
@@ -679,7 +679,8 @@ def build_report(results: pd.DataFrame, out_dir: str | Path,
     view). Rows along a cell axis (schedule, training-set size) feed ``xfer.report_curves``'s views; the
     rest of the report reads the rows at the cell axes' defaults. ``estimates``
     (``xfer.tracking.estimates.load_estimates``) adds the transferability-estimator section, with
-    ``grid_seconds`` (per regime) as the cost to compare with. Returns a ``Report``.
+    ``grid_seconds`` (per regime) as the cost to compare with. ``asha`` (``xfer.report_asha.comparison``)
+    adds the early-stopping section. Returns a ``Report``.
     """
     full = validate_results(results)
     results = report_curves.main_cells(full).reset_index(drop=True)
@@ -842,6 +843,11 @@ def build_report(results: pd.DataFrame, out_dir: str | Path,
         section = report_estimators.build_section(estimates, results, grid_seconds)
         files.update(report_estimators.write_files(section, out))
         section.render(doc, files)
+
+    if asha is not None:
+        from xfer import report_asha  # search: {type: asha}: ASHA's picks against the full grid's
+
+        files.update(report_asha.render(asha, doc, out))
 
     from xfer import report_regularizers as regs  # the paper's §4.1 view, when models differ in source training
 

@@ -41,7 +41,7 @@ TOP_KEYS = {
     "datasets": "list of dataset names or {name, label, options...}",
     "regimes": "mapping regime -> {grid: {...}, options...}",
     "resources": "mapping regime -> {cpu, gpu} per trial (+ models: {model name: {cpu, gpu}} to pack small models; pretrain also workers: N, each with cpu/gpu)",
-    "search": "{type: grid} (default) or {type: optuna, num_samples, seed}",
+    "search": "{type: grid} (default), {type: optuna, num_samples, seed} or {type: asha, grace_steps, reduction_factor, audit}",
     "final": "{enabled: true} — retrain the best config on train+val and test once",
     "max_concurrent": "cap on trials running at once (default: as resources allow)",
     "min_free_space": "free space the storage must have before the sweep starts, e.g. 2GB (default 256MB; 0: off)",
@@ -50,7 +50,9 @@ TOP_KEYS = {
 }
 MODEL_KEYS = ("name", "arch", "weights", "weights_file", "pretrain", "source_top1", "input_size", "paper_name",
               "stand_in")
-SEARCH_TYPES = ("grid", "optuna")
+# search type -> the keys it takes besides `type` (its required ones are checked in _search)
+SEARCH_KEYS = {"grid": (), "optuna": ("num_samples", "seed"), "asha": ("grace_steps", "reduction_factor", "audit")}
+SEARCH_TYPES = tuple(SEARCH_KEYS)
 RESOURCE_KEYS = ("cpu", "gpu", "models", "workers")  # workers: pretrain only (data-parallel, xfer.distributed)
 AMOUNT_KEYS = ("cpu", "gpu")
 
@@ -326,6 +328,55 @@ def _check_amounts(res: Mapping[str, Any], path: str) -> None:
             _expect(float(v).is_integer(), f"{path}.gpu", "fractions are only allowed below 1")
 
 
+def _search(raw: Any, regimes: list[RegimeSpec]) -> dict[str, Any]:
+    """``search:``: the type, then the keys that type takes (SEARCH_KEYS). ASHA stops trials of the
+    early-stopping regimes (``Regime.early_stopping``: fine-tune, scratch) on the validation they report
+    every ``eval_every`` steps, so each of them needs ``eval_every`` > 0 and one Ray trial per grid trial
+    (no ``trials_per_task``); other regimes (the probe's λ path) run their full grid as usual."""
+    _expect(raw is None or isinstance(raw, Mapping), "spec.search",
+            f"expected a mapping such as {{type: grid}}; valid types: {', '.join(SEARCH_TYPES)}")
+    search = dict(raw or {"type": "grid"})
+    kind = search.setdefault("type", "grid")
+    _expect(kind in SEARCH_KEYS, "spec.search.type", f"valid: {', '.join(SEARCH_TYPES)}, got {kind!r}")
+    _check_keys(search, ("type", *SEARCH_KEYS[kind]), f"spec.search (type {kind})")
+    if kind == "optuna":
+        n = search.get("num_samples")
+        _expect(isinstance(n, int) and n >= 1, "spec.search.num_samples", "required for optuna: an integer >= 1")
+    if kind != "asha":
+        return search
+    g = search.get("grace_steps")
+    _expect(isinstance(g, int) and not isinstance(g, bool) and g >= 1, "spec.search.grace_steps",
+            f"required for asha: an integer >= 1 (training steps before a trial can be stopped), got {g!r}")
+    rf = search.setdefault("reduction_factor", 3)
+    _expect(is_number(rf) and rf > 1, "spec.search.reduction_factor",
+            f"a number > 1 (1/reduction_factor of the trials go on at each rung), got {rf!r}")
+    _expect(isinstance(search.setdefault("audit", False), bool), "spec.search.audit",
+            "true (run the stopped trials to the end too, to compare ASHA's picks with the full grid's) or false")
+    stoppable = [r for r in regimes if REGIMES.get(r.name).early_stopping]
+    valid = ", ".join(n for n in REGIMES.names() if REGIMES.get(n).early_stopping)
+    _expect(bool(stoppable), "spec.search.type",
+            f"asha stops step-trained regimes early ({valid}); this sweep has none of them")
+    for r in stoppable:
+        every = {**REGIMES.get(r.name).defaults, **r.options}.get("eval_every", 0)
+        _expect(every > 0, f"spec.regimes.{r.name}.eval_every",
+                f"search type asha needs validation during training: an integer > 0 (steps between evaluations), "
+                f"got {every!r}")
+        _expect(r.trials_per_task == 1, f"spec.regimes.{r.name}.trials_per_task",
+                "must be 1 under search type asha: ASHA stops Ray trials, so each grid trial is its own")
+        budgets = {REGIMES.get(r.name).budget(t) for t in _regime_trials(r)}
+        _expect(g < min(budgets), "spec.search.grace_steps",
+                f"must be below the steps of every {r.name} trial (the fewest: {min(budgets)}), got {g}")
+    return search
+
+
+def _regime_trials(r: RegimeSpec) -> list[TrialSpec]:
+    """One placeholder trial per grid point of ``r`` (for what depends on hyper-parameters and options only)."""
+    axes = list(r.grid)
+    model = ModelSpec(name="_", arch="_", weights="random")
+    return [TrialSpec(model=model, dataset=DatasetRef("_"), regime=r.name, hparams=dict(zip(axes, values)),
+                      options=dict(r.options)) for values in itertools.product(*(r.grid[a] for a in axes))]
+
+
 def parse_spec(raw: Any, path: str | None = None) -> SweepSpec:
     """Validate a parsed YAML document into a SweepSpec (see TOP_KEYS for the schema). Cheap checks
     first; datasets, then models (registry and architecture names) last."""
@@ -375,14 +426,7 @@ def parse_spec(raw: Any, path: str | None = None) -> SweepSpec:
                     "only pretrain trials run data-parallel over several workers; other regimes take cpu, gpu")
             _expect(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"spec.resources.{r}.workers",
                     f"an integer >= 1 (Ray Train workers, each with this cpu/gpu), got {v!r}")
-    search = dict(raw.get("search") or {"type": "grid"})
-    _check_keys(search, ("type", "num_samples", "seed"), "spec.search")
-    _expect(search.get("type", "grid") in SEARCH_TYPES, "spec.search.type",
-            f"valid: {', '.join(SEARCH_TYPES)}, got {search.get('type')!r}")
-    search.setdefault("type", "grid")
-    if search["type"] == "optuna":
-        n = search.get("num_samples")
-        _expect(isinstance(n, int) and n >= 1, "spec.search.num_samples", "required for optuna: an integer >= 1")
+    search = _search(raw.get("search"), regimes)
     final = raw.get("final", {"enabled": True})
     _expect(isinstance(final, Mapping), "spec.final", "expected {enabled: true|false}")
     _check_keys(final, ("enabled",), "spec.final")

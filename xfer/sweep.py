@@ -19,7 +19,7 @@ from typing import IO, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from xfer.contract import Reporter, RunContext, TrialRecord
+from xfer.contract import RESULT_STATUSES, Reporter, RunContext, TrialRecord
 from xfer.io import save_npz
 from xfer.layout import StorageLayout
 from xfer.plugins import import_plugins
@@ -125,8 +125,9 @@ def _trainable(config: dict[str, Any], *, storage: str, data_root: str, download
 
     def report(step: int, metrics: dict[str, float]) -> None:
         values = {k: float(v) for k, v in metrics.items()}
-        latest.update({writer.OBJECTIVE: v for k, v in values.items() if k.startswith("val_")})
-        tune.report({writer.STEP: int(step), **values, **latest})
+        val = {writer.VAL: v for k, v in values.items() if k.startswith("val_")}  # only where validation is
+        latest.update({writer.OBJECTIVE: v for v in val.values()})
+        tune.report({writer.STEP: int(step), **values, **latest, **val})
 
     runner = distributed.runner_for(trial, dict(pretrain_resources or {}), download=download, plugins=plugins)
     tune.report(execute_trial(trial, layout, download=download, report=report, shared=shared, runner=runner))
@@ -265,16 +266,21 @@ def _run_config(name: str, paths: StorageLayout, callbacks: list):
                           failure_config=tune.FailureConfig(max_failures=1))  # a dead worker: one retry
 
 
-def _fit(tuner, stage: str, spec: SweepSpec, count: set[str] | None = None) -> dict[str, int]:
+def _fit(tuner, stage: str, spec: SweepSpec, count: set[str] | None = None,
+         early_stop: writer.EarlyStops | None = None) -> dict[str, int]:
     """Run a Tuner; count trial statuses (only of the keys in ``count`` when given: a restored experiment
     also returns the trials an earlier invocation finished); a trial without its final report means Tune
-    was interrupted."""
+    was interrupted — unless ``early_stop``'s scheduler stopped it (``stopped``)."""
     statuses: dict[str, int] = {}
     unfinished = 0
+    stopped = early_stop.stopped if early_stop is not None else {}
     for r in tuner.fit():
         metrics = r.metrics or {}
         if not metrics.get(writer.FINAL) and r.error is None:
-            unfinished += 1  # stopped before its final report: Tune was interrupted (Ctrl-C / SIGINT)
+            if TrialSpec.from_config(r.config).key in stopped:
+                statuses["stopped"] = statuses.get("stopped", 0) + 1
+            else:
+                unfinished += 1  # stopped before its final report: Tune was interrupted (Ctrl-C / SIGINT)
             continue
         found = [json.loads(e["record"])["status"] for e in writer.final_entries(r.config, metrics)
                  if count is None or e["key"] in count] if metrics.get(writer.FINAL) else ["failed"]
@@ -316,9 +322,15 @@ def _restore_would_rerun(exp_path: Path, done: set[str]) -> list[str]:
 
 def run_stage(stage: str, trials: Sequence[TrialSpec], *, spec: SweepSpec, paths: StorageLayout, tracker,
               resume: bool = False, max_concurrent: int | None = None, quiet: bool = False,
-              stream: IO[str] | None = None, rerun: set[str] = frozenset()) -> StageOutcome:
+              stream: IO[str] | None = None, rerun: set[str] = frozenset(), scheduler: Any = None,
+              label: str | None = None) -> StageOutcome:
     """Run ``trials`` as one Tune experiment (a grid over the trial list), skipping keys MLflow
-    already has as finished/diverged; ``resume`` restores the stage's Tune experiment instead."""
+    already has as finished/diverged; ``resume`` restores the stage's Tune experiment instead.
+
+    ``scheduler`` (an ``EarlyStops`` Tune scheduler, e.g. ``xfer.asha.CellASHA``): it may stop trials
+    early, so every trial is its own Ray trial (no batching), a stopped key counts as done (its
+    decision stands on a rerun), and ``resume`` is a rerun. ``label``: the stage's name in the log and
+    its Tune experiment's (``{sweep}-{label}``)."""
     from ray import tune
 
     from xfer import select, tracking
@@ -327,15 +339,19 @@ def run_stage(stage: str, trials: Sequence[TrialSpec], *, spec: SweepSpec, paths
     _quiet_ray_tune()
     out = stream or sys.stdout
     t0 = time.perf_counter()
-    done = tracking.finished_keys(tracker.uri, tracker.experiment_name, stage)
+    label = label or stage
+    resume = resume and scheduler is None
+    done = tracking.finished_keys(tracker.uri, tracker.experiment_name, stage,
+                                  statuses=("finished", "diverged", "stopped") if scheduler is not None else
+                                  RESULT_STATUSES)
     if tracker.journal is not None:
         done |= tracker.journal.keys(stage)  # results kept while the server was away: not run again
     keys = {t.key for t in trials}
     todo = [t for t in trials if t.key not in done or t.key in rerun]
     n_todo = len({t.key for t in todo})
     shared = f" ({len(trials)} cells share {len(keys)} trials)" if len(keys) < len(trials) else ""
-    print(f"{stage}: {len(keys)} trials{shared} — {len(keys) - n_todo} done, {n_todo} to run", file=out, flush=True)
-    exp_name = f"{spec.name}-{stage}"
+    print(f"{label}: {len(keys)} trials{shared} — {len(keys) - n_todo} done, {n_todo} to run", file=out, flush=True)
+    exp_name = f"{spec.name}-{label}"
     exp_path = paths.ray / exp_name
     restoring = resume and tune.Tuner.can_restore(str(exp_path))
     if restoring:
@@ -346,10 +362,10 @@ def run_stage(stage: str, trials: Sequence[TrialSpec], *, spec: SweepSpec, paths
                   f"own checkpoint)", file=out, flush=True)
             restoring = False
     if not todo and not restoring:
-        return StageOutcome(stage, len(keys), len(keys), 0, time.perf_counter() - t0)
+        return StageOutcome(label, len(keys), len(keys), 0, time.perf_counter() - t0)
 
     trainable = _tune_parts(spec, paths)
-    callbacks = [tracker.callback(), ProgressCallback(stage, n_todo, stream=out, quiet=quiet)]
+    callbacks = [tracker.callback(scheduler), ProgressCallback(label, n_todo, stream=out, quiet=quiet)]
     if restoring:
         print(f"{stage}: resuming the Tune experiment at {exp_path}", file=out, flush=True)
         tuner = tune.Tuner.restore(str(exp_path), trainable, resume_unfinished=True, resume_errored=True)
@@ -357,11 +373,12 @@ def run_stage(stage: str, trials: Sequence[TrialSpec], *, spec: SweepSpec, paths
         # this invocation has its own parent run and progress view. No public setter exists.
         tuner._local_tuner._run_config.callbacks = callbacks  # noqa: SLF001
     else:
-        tuner = tune.Tuner(trainable, param_space={"trial": tune.grid_search(trial_configs(todo, per_task=spec.trials_per_task))},
-                           tune_config=_tune_config(spec, max_concurrent),
+        configs = trial_configs(todo, batch=scheduler is None, per_task=spec.trials_per_task)
+        tuner = tune.Tuner(trainable, param_space={"trial": tune.grid_search(configs)},
+                           tune_config=_tune_config(spec, max_concurrent, scheduler=scheduler),
                            run_config=_run_config(exp_name, paths, callbacks))
-    statuses = _fit(tuner, stage, spec, count={t.key for t in todo})
-    return StageOutcome(stage, len(keys), len(keys) - n_todo, n_todo, time.perf_counter() - t0, statuses)
+    statuses = _fit(tuner, stage, spec, count={t.key for t in todo}, early_stop=scheduler)
+    return StageOutcome(label, len(keys), len(keys) - n_todo, n_todo, time.perf_counter() - t0, statuses)
 
 
 def run_search(trials: Sequence[TrialSpec], *, spec: SweepSpec, paths: StorageLayout, tracker,
@@ -408,6 +425,34 @@ def run_search(trials: Sequence[TrialSpec], *, spec: SweepSpec, paths: StorageLa
         for k, v in _fit(tuner, "grid", spec).items():
             statuses[k] = statuses.get(k, 0) + v
     return StageOutcome("grid", total, total - left, left, time.perf_counter() - t0, statuses)
+
+
+def _grid_search(trials: Sequence[TrialSpec], **kw: Any) -> list[StageOutcome]:
+    return [run_stage("grid", trials, **kw)]
+
+
+def _optuna_search(trials: Sequence[TrialSpec], **kw: Any) -> list[StageOutcome]:
+    return [run_search(trials, **kw)]
+
+
+def _asha_search(trials: Sequence[TrialSpec], *, spec: SweepSpec, **kw: Any) -> list[StageOutcome]:
+    """``search: {type: asha}`` (``xfer.asha``): the other regimes' full grid, then the early-stopping
+    regimes' trials under ``CellASHA``, then (``audit``) the trials it stopped, run to the end (a plain
+    grid pass: they are not finished, so it runs them, into their own MLflow runs)."""
+    from xfer.asha import CellASHA, stoppable
+
+    ours, others = stoppable(trials)
+    out = [run_stage("grid", others, spec=spec, **kw)] if others else []
+    asha = CellASHA(spec.search["grace_steps"], spec.search["reduction_factor"])
+    out.append(run_stage("grid", ours, spec=spec, scheduler=asha, label="grid-asha", **kw))
+    if spec.search["audit"]:
+        out.append(run_stage("grid", ours, spec=spec, label="grid-audit", **kw))
+    return out
+
+
+# search type (``spec.SEARCH_KEYS``) -> how the grid stage runs: its stage outcomes
+SEARCHES: dict[str, Callable[..., list[StageOutcome]]] = {"grid": _grid_search, "optuna": _optuna_search,
+                                                          "asha": _asha_search}
 
 
 def run_features(trials: Sequence[TrialSpec], *, spec: SweepSpec, paths: StorageLayout,
@@ -508,10 +553,7 @@ def run_sweep(spec: SweepSpec, *, tracking_uri: str | None = None, address: str 
             total, ran = run_estimates(spec, paths, tracker, stream=out)
             stages.append(StageOutcome("estimate", total, total - ran, ran, time.perf_counter() - t0,
                                        {"finished": ran} if ran else {}))
-        if spec.search["type"] == "optuna":
-            stages.append(run_search(grid, **kw))
-        else:
-            stages.append(run_stage("grid", grid, **kw))
+        stages += SEARCHES[spec.search["type"]](grid, **kw)
         report = None
         if (spec.final if final is None else final):
             from xfer import final as final_stage

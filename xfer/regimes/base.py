@@ -99,6 +99,13 @@ class Regime:
     new_head: bool = True  # trains a new classification head: its keys hash the head rule (trial.HEAD_INIT)
     # an axis whose grid values the regime solves together in one task (``run_path``), e.g. the probe's λ
     path_axis: str | None = None
+    # trains for a known number of steps (``budget``) and reports validation during grid trials when its
+    # ``eval_every`` option is > 0: what ASHA early stopping (``search: {type: asha}``) needs to stop it
+    early_stopping: bool = False
+
+    def budget(self, trial: "TrialSpec") -> int:
+        """The training steps ``trial`` runs to the end (ASHA's ``max_t``). Only early-stopping regimes."""
+        raise NotImplementedError(f"regime {self.name!r} does not train in steps: ASHA cannot stop it early")
 
     # -- declarations, derived --------------------------------------------------------------------
     @property

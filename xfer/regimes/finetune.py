@@ -71,6 +71,11 @@ class FineTune(Regime):
     axes = (LR, WD, SCHEDULE, TRAIN_SIZE)
     options = _options(20000)  # the paper's fine-tuning length
     from_scratch = False
+    early_stopping = True  # periodic validation (eval_every) over a known schedule: ASHA can stop it
+
+    def budget(self, trial: "TrialSpec") -> int:
+        opts = {**self.defaults, **trial.options}
+        return schedule_steps(int(opts["steps"]), float(trial.hparams.get("schedule", SCHEDULE.default)))
 
     def run(self, trial: "TrialSpec", ctx: RunContext) -> TrialRecord:
         from xfer import engine

@@ -15,7 +15,7 @@ from typing import Any
 from xfer.tracking.uri import (DEFAULT_TRACKING_URI, TrackingError, absolute_sqlite, check_reachable, is_outage,
                                redact_uri, resolve_tracking_uri)
 
-_READERS = ("finished_keys", "load_curves", "load_predictions", "load_runs", "log_report")
+_READERS = ("asha_stops", "finished_keys", "load_curves", "load_predictions", "load_runs", "log_report")
 __all__ = ["DEFAULT_TRACKING_URI", "TrackingError", "absolute_sqlite", "check_reachable", "is_outage",
            "redact_uri", "resolve_tracking_uri", *_READERS]
 

@@ -39,13 +39,13 @@ def iter_trial_runs(client: "MlflowClient", experiment_id: str, extra_filter: st
             break
 
 
-_STATUS_RANK = {"finished": 0, "diverged": 1, "failed": 2, "running": 3}
+_STATUS_RANK = {"finished": 0, "diverged": 1, "stopped": 2, "failed": 3, "running": 4}
 
 
 def _pick(runs: list["Run"]) -> "Run":
     """The run that stands for a key when an older tool left several: a result beats a retry, then
     the newest."""
-    return sorted(runs, key=lambda r: (_STATUS_RANK.get(r.data.tags.get(TAG_STATUS, ""), 4),
+    return sorted(runs, key=lambda r: (_STATUS_RANK.get(r.data.tags.get(TAG_STATUS, ""), 5),
                                        -(r.info.start_time or 0)))[0]
 
 
@@ -84,15 +84,28 @@ def load_runs(uri: str, experiment: str) -> "pd.DataFrame":
     return df.sort_values(["model", "dataset", "regime", "stage", "start_time"], kind="stable").reset_index(drop=True)
 
 
-def finished_keys(uri: str, experiment: str, stage: str = "grid") -> set[str]:
-    """Keys of ``stage`` trials that have a result (finished or diverged): a rerun skips them; failed
-    ones run again, into the same MLflow run. No experiment yet → nothing finished."""
+def _stage_runs(uri: str, experiment: str, stage: str) -> dict[str, "Run"]:
     client = _client(uri)
     exp_id = _experiment_id(client, experiment)
     if exp_id is None:
-        return set()
-    runs = runs_by_key(iter_trial_runs(client, exp_id, f"tags.`xfer.stage` = '{stage}'"))
-    return {k for k, r in runs.items() if r.data.tags.get(TAG_STATUS) in RESULT_STATUSES}
+        return {}
+    return runs_by_key(iter_trial_runs(client, exp_id, f"tags.`xfer.stage` = '{stage}'"))
+
+
+def finished_keys(uri: str, experiment: str, stage: str = "grid",
+                  statuses: Iterable[str] = RESULT_STATUSES) -> set[str]:
+    """Keys of ``stage`` trials that have a result (finished or diverged; ``statuses`` to count others,
+    e.g. ``stopped`` under ASHA): a rerun skips them; failed ones run again, into the same MLflow run.
+    No experiment yet → nothing finished."""
+    wanted = set(statuses)
+    return {k for k, r in _stage_runs(uri, experiment, stage).items() if r.data.tags.get(TAG_STATUS) in wanted}
+
+
+def asha_stops(uri: str, experiment: str) -> dict[str, int]:
+    """Grid trial key → the step ASHA stopped it at (``schema.TAG_ASHA_STOP``), whether it is still
+    ``stopped`` or an audit has since run it to the end."""
+    return {k: int(float(r.data.tags[schema.TAG_ASHA_STOP])) for k, r in _stage_runs(uri, experiment, "grid").items()
+            if schema.TAG_ASHA_STOP in r.data.tags}
 
 
 def load_curves(uri: str, metric_by_run: Mapping[str, str]) -> dict[str, list[tuple[int, float]]]:

@@ -2,7 +2,8 @@
 
 One experiment per sweep; a parent run per invocation (``xfer.kind=sweep``); a child run per trial
 key tagged ``mlflow.parentRunId``, ``xfer.trial_key``, ``xfer.model``, ``xfer.dataset``, ``xfer.regime``,
-``xfer.stage``, ``xfer.status`` (running | finished | diverged | failed), ``xfer.metric``, the
+``xfer.stage``, ``xfer.status`` (running | finished | diverged | failed | stopped: ASHA ended it early,
+``xfer.asha_stopped_step`` says where — the tag stays when an audit later runs it to the end), ``xfer.metric``, the
 fingerprints of data and weights (``xfer.fingerprint.*``) and provenance (git commit, package
 versions). Params: the trial's grid axes by their own names (whatever axes its regime declares),
 its options, the model, dataset and pretrain fields. Metrics: per-step ``train_loss`` / ``val_*``,
@@ -42,9 +43,12 @@ TAG_METRIC = "xfer.metric"
 TAG_ATTEMPT = "xfer.attempt"
 TAG_MODELS = "xfer.models"
 TAG_FINGERPRINT = "xfer.fingerprint."
+TAG_ASHA_STOP = "xfer.asha_stopped_step"  # the step ASHA stopped a grid trial at (kept if an audit finishes it)
 
-# xfer status -> MLflow run status (a diverged trial ran to a conclusion, so its run FINISHED)
-MLFLOW_STATUS = {"finished": "FINISHED", "diverged": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
+# xfer status -> MLflow run status (a diverged trial ran to a conclusion, so its run FINISHED; one ASHA
+# stopped did not, so the UI shows it KILLED, never as a finished trial)
+MLFLOW_STATUS = {"finished": "FINISHED", "diverged": "FINISHED", "failed": "FAILED", "killed": "KILLED",
+                 "stopped": "KILLED"}
 PROVENANCE_PACKAGES = ("xfer", "torch", "torchvision", "timm", "ray", "mlflow")
 BASE_COLUMNS = ["run_id", "trial_key", "model", "dataset", "regime", "stage", "status", "metric", "val", "test",
                 "source_top1", "solver_converged", "seed", "seconds", "start_time"]

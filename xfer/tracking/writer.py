@@ -17,7 +17,7 @@ import re
 import tempfile
 import time
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from typing import IO, TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol
 
 from ray.tune import Callback
 
@@ -25,7 +25,8 @@ from xfer.contract import TrialRecord
 from xfer.io import sha256_file
 from xfer.tracking import bulk, readers, schema  # submodules (the package itself re-exports readers)
 from xfer.tracking import uri as uri_mod
-from xfer.tracking.schema import (MAX_PARAM_LEN, MAX_TAG_LEN, MLFLOW_STATUS, TAG_ATTEMPT, TAG_FINGERPRINT, TAG_KIND,
+from xfer.tracking.schema import (MAX_PARAM_LEN, MAX_TAG_LEN, MLFLOW_STATUS, TAG_ASHA_STOP, TAG_ATTEMPT,
+                                  TAG_FINGERPRINT, TAG_KIND,
                                   TAG_MESSAGE, TAG_METRIC, TAG_MODELS, TAG_PARENT, TAG_STATUS, TAG_SWEEP, chunks,
                                   flatten, numeric, provenance_tags, safe_key)
 from xfer.tracking.journal import Journal
@@ -47,7 +48,8 @@ STEP = "xfer_step"
 MODELS = "xfer_models"
 BATCH = "xfer_batch"
 OBJECTIVE = "xfer_objective"  # what a searcher (Optuna) maximises
-_OWN_KEYS = {FINAL, RECORD, STEP, MODELS, BATCH, OBJECTIVE}
+VAL = "xfer_val"  # the validation metric, only in the reports that carry one: what ASHA compares at a rung
+_OWN_KEYS = {FINAL, RECORD, STEP, MODELS, BATCH, OBJECTIVE, VAL}
 
 
 def final_entries(config: Mapping[str, Any], result: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -185,8 +187,8 @@ class SweepTracker:
             self.existing(None)
         self._by_key[key] = (run_id, status)  # type: ignore[index]
 
-    def callback(self) -> "TrackingCallback":
-        return TrackingCallback(self)
+    def callback(self, early_stop: "EarlyStops | None" = None) -> "TrackingCallback":
+        return TrackingCallback(self, early_stop)
 
     def flush_journal(self, wait_s: float = 0.0, stream: IO[str] | None = None) -> int:
         """Log the journal's waiting results to MLflow; with ``wait_s``, keep trying (every few seconds)
@@ -216,6 +218,13 @@ def _ray_bookkeeping_keys() -> set[str]:
     return keys
 
 
+class EarlyStops(Protocol):
+    """What a scheduler that stops trials early (``xfer.asha.CellASHA``) shares with the callback, in the
+    driver: trial key → (step, validation value) of each trial it stopped."""
+
+    stopped: dict[str, tuple[int, float]]
+
+
 class TrackingCallback(Callback):
     """Writes each trial's child run from the Tune driver.
 
@@ -223,7 +232,9 @@ class TrackingCallback(Callback):
     an earlier invocation, a restored Tuner, a restarted actor) and re-parent it to the current
     invocation. on_trial_result: numeric metrics at ``step=result["xfer_step"]``; the final result
     (``xfer_final``) carries the ``TrialRecord``: status, message, metric, fingerprints, artifacts,
-    timings; it closes the run. on_trial_error / a completion without a final result: ``failed``.
+    timings; it closes the run. on_trial_error / a completion without a final result: ``failed`` —
+    unless ``early_stop`` says its scheduler stopped it: ``stopped`` (MLflow KILLED) with the step in
+    ``xfer.asha_stopped_step``, never a result.
 
     A tracking server that goes away never stops the sweep: the final result is first written to the
     tracker's journal (durable, on the sweep's storage), metrics that could not be sent are kept with
@@ -233,8 +244,9 @@ class TrackingCallback(Callback):
 
     RETRY_S = 15.0
 
-    def __init__(self, tracker: SweepTracker) -> None:
+    def __init__(self, tracker: SweepTracker, early_stop: EarlyStops | None = None) -> None:
         self.tracker = tracker
+        self.early_stop = early_stop
         self._runs: dict[str, str] = {}  # Ray trial_id -> MLflow run_id
         self._keys: dict[str, str] = {}  # Ray trial_id -> trial key
         self._steps: dict[str, int] = {}  # last step logged per trial
@@ -288,7 +300,12 @@ class TrackingCallback(Callback):
         self._maybe_flush()
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        if trial.trial_id not in self._finished:
+        if trial.trial_id in self._finished:
+            return
+        stop = self.early_stop.stopped.get(self._keys[trial.trial_id]) if self.early_stop is not None else None
+        if stop is not None:
+            self._guard(self._stop, trial, *stop)
+        else:
             self._guard(self._fail, trial, "the trial ended without a final result (stopped early or killed)")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -520,6 +537,18 @@ class TrackingCallback(Callback):
         self.client.set_terminated(run_id, status=MLFLOW_STATUS["failed"])
         self._open.discard(trial.trial_id)
         self.tracker.remember(self._keys[trial.trial_id], run_id, "failed")
+
+    def _stop(self, trial: Any, step: int, value: float) -> None:
+        """An early-stopped trial: its own status, the step, the validation that stopped it."""
+        from mlflow.entities import RunTag
+
+        run_id = self._runs.get(trial.trial_id) or self._start(trial)
+        tags = {TAG_STATUS: "stopped", TAG_ASHA_STOP: str(int(step)),
+                TAG_MESSAGE: f"ASHA stopped it at step {int(step)}: validation {value:.4g} was below its rung's cutoff"}
+        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        self.client.set_terminated(run_id, status=MLFLOW_STATUS["stopped"])
+        self._open.discard(trial.trial_id)
+        self.tracker.remember(self._keys[trial.trial_id], run_id, "stopped")
 
     def _log_error_file(self, run_id: str, error_file: str | None) -> None:
         if error_file and Path(error_file).is_file():
