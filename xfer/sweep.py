@@ -163,15 +163,17 @@ def trial_configs(trials: Sequence[TrialSpec], batch: bool = True,
 
 
 def _compute_features(trial_dict: dict[str, Any], storage: str, data_root: str, download: bool,
-                      plugins: Sequence[str] = ()) -> str:
-    """Ray task: fill the feature store for one linear-probe trial's model × dataset (all splits)."""
+                      plugins: Sequence[str] = (), variants: Sequence[tuple[int, str]] = ((0, "avg"),)) -> str:
+    """Ray task: fill the feature store for one linear-probe trial's model × dataset (all splits), for
+    every feature variant (layer, pooling) the sweep's probes of that pair read."""
     from xfer import features
+    from xfer.contract import FeatureVariant
 
     import_plugins(plugins)
     trial = TrialSpec.from_dict(trial_dict)
     ctx = RunContext.local(storage, data_root, download=download)
-    # the grid reads train/val and the final stage trainval/test: all four in one backbone build
-    features.precompute(trial, ctx, stages=("grid", "final"))
+    # the grid reads train/val and the final stage trainval/test: all four, every variant, in one backbone build
+    features.precompute(trial, ctx, stages=("grid", "final"), variants=[FeatureVariant(*v) for v in variants])
     return trial.key
 
 
@@ -413,7 +415,9 @@ def run_search(trials: Sequence[TrialSpec], *, spec: SweepSpec, paths: StorageLa
 def run_features(trials: Sequence[TrialSpec], *, spec: SweepSpec, paths: StorageLayout,
                  stream: IO[str] | None = None) -> int:
     """Compute frozen features once per (weights, dataset) for every linear-probe trial, in parallel
-    Ray tasks, before the grid (so the 45-value λ grid never recomputes them)."""
+    Ray tasks, before the grid (so the 45-value λ grid never recomputes them): one task per pair, which
+    extracts every feature variant (layer, pooling) the pair's trials read in one pass per split. A layer
+    a model does not have fails here, before any task, naming the model's valid layers."""
     import ray
 
     from xfer import features
@@ -422,22 +426,29 @@ def run_features(trials: Sequence[TrialSpec], *, spec: SweepSpec, paths: Storage
     from xfer.regimes import REGIMES
 
     ctx = RunContext(layout=paths, download=spec.download)
-    need: dict[str, TrialSpec] = {}
+    need: dict[str, tuple[TrialSpec, dict[tuple[int, str], None]]] = {}
     for t in trials:
-        if not REGIMES.get(t.regime).uses_features:
+        regime = REGIMES.get(t.regime)
+        if not regime.uses_features:
             continue
-        keys = tuple(features.feature_key(t.model, t.dataset, split, ctx) for split in ("train", "val", "trainval", "test"))
-        if not all(paths.feature_file(k).exists() for k in keys):
-            need.setdefault("|".join(keys), t)
+        variant = regime.feature_variant(t)
+        keys = [features.feature_key(t.model, t.dataset, split, ctx, v) for v in (features.DEFAULT, variant)
+                for split in ("train", "val", "trainval", "test")]
+        pair = "|".join(keys[:4])  # the default variant's keys name the (weights, dataset) pair
+        if not all(paths.feature_file(k).exists() for k in keys[4:]):
+            need.setdefault(pair, (t, {}))[1][(variant.layer, variant.pool)] = None
     if not need:
         return 0
     task = ray.remote(max_retries=1)(_compute_features)
-    print(f"features: computing {len(need)} frozen-feature sets", file=out, flush=True)
+    n_sets = sum(len(v) for _, v in need.values())
+    print(f"features: computing {n_sets} frozen-feature sets ({len(need)} model × dataset pairs)", file=out,
+          flush=True)
     refs = []
-    for t in need.values():  # each on its model's resources (a small model can take a GPU fraction)
+    for t, variants in need.values():  # each on its model's resources (a small model can take a GPU fraction)
         res = spec.resources_for(t.regime, t.model.name)
         refs.append(task.options(num_cpus=res["cpu"], num_gpus=res["gpu"]).remote(
-            t.to_dict(), str(paths.storage), str(paths.data_root), spec.download, tuple(spec.plugins)))
+            t.to_dict(), str(paths.storage), str(paths.data_root), spec.download, tuple(spec.plugins),
+            tuple(variants)))
     for i, ref in enumerate(refs, 1):
         ray.get(ref)
         print(f"[features {i}/{len(refs)}] done", file=out, flush=True)
