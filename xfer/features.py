@@ -157,6 +157,16 @@ def feature_stages(model: torch.nn.Module) -> tuple[Stage, ...]:
     return tuple((str(d.get("module", f"stage {i + 1}")), int(d.get("num_chs", 0))) for i, d in enumerate(info))
 
 
+def stage_count(model: "ModelSpec") -> int:
+    """How many feature stages ``model``'s architecture exposes (built on the meta device: no weights, no
+    memory), for the report's relative depth (stage / number of stages)."""
+    import timm
+
+    with torch.device("meta"):
+        net = timm.create_model(model.arch, pretrained=False, num_classes=0)
+    return len(feature_stages(net))
+
+
 def check_layer(model_name: str, stages: Sequence[Stage], layer: int) -> None:
     """A FeatureStoreError naming the model's valid layers unless ``layer`` is one of them."""
     if layer <= len(stages):
