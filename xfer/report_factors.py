@@ -177,7 +177,8 @@ def views(results: pd.DataFrame, out_dir: str | Path) -> CurveViews:
                              "PCA (ties: the deeper layer). Azizpour et al. find it moves earlier as the target "
                              "moves away from the source task."))
     shown = best.assign(pool=[_axis(r, "pool").label(v) for r, v in zip(best["regime"], best["pool"])],
-                        value=best["value"] * 100, best_layer=[f"{v:g}" for v in best["best_layer"]])
+                        pca=[f"{v:g}" for v in best["pca"]], value=best["value"] * 100,
+                        best_layer=[f"{v:g}" for v in best["best_layer"]])
     made.blocks.append(("table", shown.rename(columns={"value": "test accuracy (%)"})))
     if unknown:
         made.blocks.append(("p", f"Unknown distance from the source (not plotted): {', '.join(unknown)}. Only a "
