@@ -206,7 +206,8 @@ def _hand_made_results() -> pd.DataFrame:
                 for pool in (0, 1, 2):
                     for pca in (0, 16):
                         deep = {0: 1.0, 2: 0.4, 4: 0.8}[layer]
-                        score = 0.5 + (0.3 * deep if ds != "far" else 0.3 * (1.2 - deep)) + 0.01 * pool - 0.02 * (pca > 0)
+                        score = (0.5 + (0.3 * deep if ds != "far" else 0.3 * (1.2 - deep)) + 0.01 * pool
+                                 - 0.02 * (pca > 0))
                         rows.append({"model": model, "dataset": ds, "regime": "linear_probe", "source_top1": top1,
                                      "metric": "top1", "value": score + (top1 - 0.6) / 10, "layer": float(layer),
                                      "pool": float(pool), "pca": float(pca), "source_distance": dist,

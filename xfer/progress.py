@@ -62,7 +62,8 @@ class StageProgress:
         result = f"{name} {value:.3f}" if value is not None else status
         if status != "finished":
             result = f"{status.upper()}" + (f" ({metrics.get('message', '')[:80]})" if metrics.get("message") else "")
-        return (f"[{self.stage} {self.done}/{self.total}] {'/'.join(cell)} {_fmt_hparams(cfg['hparams'], cfg['regime'])} → {result}")
+        hp = _fmt_hparams(cfg["hparams"], cfg["regime"])
+        return f"[{self.stage} {self.done}/{self.total}] {'/'.join(cell)} {hp} → {result}"
 
     def status_line(self) -> str:
         return (f"[{self.stage}] {self.done}/{self.total} done · {len(self.running)} running · "

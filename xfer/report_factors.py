@@ -183,7 +183,8 @@ def views(results: pd.DataFrame, out_dir: str | Path) -> CurveViews:
     if unknown:
         made.blocks.append(("p", f"Unknown distance from the source (not plotted): {', '.join(unknown)}. Only a "
                                  "dataset family that controls its distance (the synthetic family's `distance` "
-                                 "option) gives one."))
+                                 "option) gives one, read from the sweep file (`xfer report --experiment` needs "
+                                 "`--spec`) or a `source_distance` column."))
     path = Path(out_dir) / f"{FIG}.png"
     plot_factors(rows, best).savefig(path, dpi=DPI)
     made.files[FIG] = path

@@ -238,9 +238,10 @@ def _regime(name: str, raw: Any, path: str) -> RegimeSpec:
         _expect(axis.name in grid_raw, f"{path}.grid.{axis.name}", "missing; every axis of the regime needs values")
         values = _axis_values(axis, grid_raw[axis.name], f"{path}.grid.{axis.name}")
         if axis.cell and not any(axis.is_default(v) for v in values):
-            raise SpecError(f"{path}.grid.{axis.name}: a cell axis must include its default {axis.label(axis.default)} (the "
-                            "cell the main analysis compares across models and regimes; every other value is a "
-                            f"cell of its own), got {[axis.label(v) for v in values]}")
+            raise SpecError(f"{path}.grid.{axis.name}: a cell axis must include its default "
+                            f"{axis.label(axis.default)} (the cell the main analysis compares across models and "
+                            "regimes; every other value is a cell of its own), got "
+                            f"{[axis.label(v) for v in values]}")
         grid[axis.name] = values
     return RegimeSpec(name=name, grid=grid, options=_options(regime, raw, path), trials_per_task=per_task)
 

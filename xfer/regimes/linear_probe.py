@@ -84,9 +84,10 @@ class LinearProbe(Regime):
         if not opts["tol"] > 0:
             raise LinearProbeError(f"linear_probe option tol: expected a number > 0, got {opts['tol']!r}")
         l2s = [self.check_hparams(t.hparams, f"regime {self.name}")["l2"] for t in trials]
-        variant, n_pca = self.feature_variant(trial), int(self.check_hparams(trial.hparams, f"regime {self.name}")["pca"])
-        cell = self.describe({k: v for k, v in trial.hparams.items() if k != self.path_axis})  # layer=2 pool=max ...
-        cell += " " if cell else ""
+        hp = self.check_hparams(trial.hparams, f"regime {self.name}")
+        variant, n_pca = self.feature_variant(trial), int(hp["pca"])
+        cell = self.describe({k: v for k, v in hp.items() if k != self.path_axis})  # "layer=2 pool=max", or ""
+        cell = f" {cell}" if cell else ""
         if any(self.path_group(t) != self.path_group(trial) for t in trials):
             raise LinearProbeError("a λ path takes trials that differ only in l2")
         splits = splits_for(trial.stage)
@@ -120,9 +121,9 @@ class LinearProbe(Regime):
             value = compute_metric(train.metric, scores, targets)
             if not path:
                 ctx.report(fit.n_iter, {"train_loss": fit.objective})
-            log.info("linear_probe %s/%s %sλ=%g: %s_%s=%.4f (train loss %.4g, %d L-BFGS iterations%s)",
-                     trial.model.name, trial.dataset.display, cell, l2, splits.prefix, train.metric, value, fit.objective,
-                     fit.n_iter, "" if fit.converged else f", {fit.status}: not converged")
+            log.info("linear_probe %s/%s%s λ=%g: %s_%s=%.4f (train loss %.4g, %d L-BFGS iterations%s)",
+                     trial.model.name, trial.dataset.display, cell, l2, splits.prefix, train.metric, value,
+                     fit.objective, fit.n_iter, "" if fit.converged else f", {fit.status}: not converged")
             # solver_converged (1/0) tags the run, so selection and the report can count stalled fits
             out.append(TrialRecord(status="finished", metric=train.metric, steps_done=fit.n_iter,
                                    metrics={f"{splits.prefix}_{train.metric}": value, "train_loss": fit.objective,
