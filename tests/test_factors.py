@@ -65,6 +65,23 @@ def test_stage_features_have_the_stage_width_and_differ_from_the_penultimate(ctx
                                rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["test_resnet", "test_efficientnet", "test_byobnet"])
+def test_the_default_variant_is_the_same_numbers_alone_or_beside_stages(ctx, arch):
+    """One pass serves every variant: the penultimate features from ``forward_intermediates`` + the head
+    are the model's own output, bit for bit, so an entry under the default key is the same either way."""
+    from xfer.data import build_from_ref
+    from xfer.models import load_backbone
+
+    backbone = load_backbone(replace(MODEL, arch=arch), num_classes=0, ctx=ctx)
+    split = build_from_ref(DATA, data_root=ctx.data_root).split("val")
+    run = dict(batch_size=16, device="cpu")
+    alone, y1 = features.extract_features(backbone.model, split, backbone.data_config, **run)
+    mixed, y2 = features.extract_features(backbone.model, split, backbone.data_config, **run,
+                                          variants=[FeatureVariant(), FeatureVariant(2, "max"), FeatureVariant(0, "max")])
+    assert torch.equal(alone[FeatureVariant()], mixed[FeatureVariant()]) and torch.equal(y1, y2)
+    assert mixed[FeatureVariant(2, "max")].shape[1] == backbone.model.feature_info[1]["num_chs"]
+
+
 def test_pooling_variants_avg_max_and_both(ctx):
     pools = ("avg", "max", "avgmax")
     pairs = [("val", FeatureVariant(layer, pool)) for layer in (0, 3) for pool in pools]
