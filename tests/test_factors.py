@@ -166,6 +166,22 @@ def test_an_invalid_layer_names_the_models_stages(ctx):
     assert not list(ctx.layout.features_dir.glob("*.pt"))  # refused before anything was extracted
 
 
+def test_a_sweep_with_a_layer_a_model_lacks_stops_before_it_starts(tmp_path, capsys):
+    from xfer.cli import main
+
+    spec = {"name": "bad-layer", "storage": str(tmp_path / "store"), "data_root": str(tmp_path / "data"),
+            "models": [{"name": "r", "arch": "test_resnet", "weights": "random"}],
+            "datasets": [{"name": "synthetic", "distance": 0.5}],
+            "regimes": {"linear_probe": {"grid": {"l2": [1.0], "layer": [0, 6]}}}}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["sweep", str(path), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]) == 2
+    err = capsys.readouterr().err
+    assert "model 'r' has no feature stage 6; valid layers: 0 (the penultimate pooled features), 1 (act1" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "store").exists() and not (tmp_path / "mlflow.db").exists()  # nothing started
+
+
 def test_spec_names_pooling_and_keeps_default_keys():
     from xfer.regimes import REGIMES
     from xfer.spec import SpecError, parse_spec

@@ -43,6 +43,7 @@ from xfer.engine import pinned_threads
 from xfer.io import save_torch
 from xfer.contract import POOLINGS, FeatureVariant, RunContext, splits_for
 from xfer.hashing import stable_hash
+from xfer.options import OptionError
 
 if TYPE_CHECKING:
     from xfer.data.transforms import DataConfig
@@ -83,8 +84,12 @@ def precision_for(device: str) -> str:
 
 
 class FeatureStoreError(ValueError):
-    """A bad request to the feature store (unknown split, a backbone that does not give pooled features,
-    a feature stage the model does not have)."""
+    """A bad request to the feature store (unknown split, a backbone that does not give pooled features)."""
+
+
+class UnknownStageError(FeatureStoreError, OptionError):
+    """A feature layer the model does not have: a user's error (``xfer`` prints it, no traceback), and
+    its message lists the model's valid layers."""
 
 
 @dataclass
@@ -157,22 +162,27 @@ def feature_stages(model: torch.nn.Module) -> tuple[Stage, ...]:
     return tuple((str(d.get("module", f"stage {i + 1}")), int(d.get("num_chs", 0))) for i, d in enumerate(info))
 
 
-def stage_count(model: "ModelSpec") -> int:
-    """How many feature stages ``model``'s architecture exposes (built on the meta device: no weights, no
-    memory), for the report's relative depth (stage / number of stages)."""
+def model_stages(model: "ModelSpec") -> tuple[Stage, ...]:
+    """The feature stages of ``model``'s architecture, without its weights (built on the meta device: no
+    memory, no download): for checking a sweep's layers before it runs and the report's relative depth."""
     import timm
 
     with torch.device("meta"):
         net = timm.create_model(model.arch, pretrained=False, num_classes=0)
-    return len(feature_stages(net))
+    return feature_stages(net)
+
+
+def stage_count(model: "ModelSpec") -> int:
+    """How many feature stages ``model`` has (the report's relative depth is stage / this)."""
+    return len(model_stages(model))
 
 
 def check_layer(model_name: str, stages: Sequence[Stage], layer: int) -> None:
-    """A FeatureStoreError naming the model's valid layers unless ``layer`` is one of them."""
+    """An UnknownStageError naming the model's valid layers unless ``layer`` is one of them."""
     if layer <= len(stages):
         return
     listed = ", ".join(f"{i} ({m}, {c} channels)" for i, (m, c) in enumerate(stages, 1))
-    raise FeatureStoreError(f"model {model_name!r} has no feature stage {layer}; valid layers: 0 (the penultimate "
+    raise UnknownStageError(f"model {model_name!r} has no feature stage {layer}; valid layers: 0 (the penultimate "
                             "pooled features)" + (f", {listed}" if listed else
                                                   " only: it exposes no timm feature stages (feature_info / "
                                                   "forward_intermediates)"))

@@ -177,6 +177,23 @@ def _compute_features(trial_dict: dict[str, Any], storage: str, data_root: str, 
     return trial.key
 
 
+def check_feature_layers(trials: Sequence[TrialSpec]) -> None:
+    """Every probe trial's feature layer exists in its model (one meta-device build per model that reads a
+    stage, no weights): a wrong layer fails before anything runs, naming the model's valid layers."""
+    from xfer import features
+    from xfer.regimes import REGIMES
+
+    deepest: dict[str, tuple[ModelSpec, int]] = {}
+    for t in trials:
+        regime = REGIMES.get(t.regime)
+        if regime.uses_features:
+            layer = regime.feature_variant(t).layer
+            if layer > deepest.get(t.model.name, (t.model, 0))[1]:
+                deepest[t.model.name] = (t.model, layer)
+    for model, layer in deepest.values():
+        features.check_layer(model.name, features.model_stages(model), layer)
+
+
 # ------------------------------------------------------------------ Ray connection
 def connect_ray(address: str | None) -> str:
     """Join a cluster (``--address``, or ``RAY_ADDRESS`` as inside ``ray job submit``) or start a
@@ -473,12 +490,14 @@ def run_sweep(spec: SweepSpec, *, tracking_uri: str | None = None, address: str 
     """Run the study's stages. Before anything starts (Ray, the MLflow parent run) the tracking server
     must answer and the storage must take writes and have ``min_free`` bytes free (default: the spec's
     ``min_free_space``) — a full or read-only storage fails here, as one ``StorageError``, not in every
-    trial. ``final_wait_s``: how long the final stage waits for a tracking server that went away to take
+    trial; a probe's feature layer the model lacks fails here too (``check_feature_layers``).
+    ``final_wait_s``: how long the final stage waits for a tracking server that went away to take
     the journaled grid results before it gives up."""
     from xfer import tracking
     from xfer.tracking.writer import SweepTracker
 
     out = stream or sys.stdout
+    check_feature_layers(spec.grid_trials())
     uri = tracking.absolute_sqlite(tracking.resolve_tracking_uri(tracking_uri, spec.tracking_uri))
     tracking.check_reachable(uri)
     paths = StorageLayout(Path(storage or spec.storage), Path(data_root or spec.data_root))
