@@ -121,7 +121,7 @@ def test_regime_multilabel_reports_map11_from_one_vs_rest(monkeypatch, tmp_path)
 
     data = {"train": make(200), "val": make(80)}
 
-    def fake(model, ref, splits, ctx, *, batch_size=256):
+    def fake(model, ref, splits, ctx, *, batch_size=256, variant=None):
         return {s: features.FeatureSet(features=data[s][0], targets=data[s][1], num_classes=c, multilabel=True,
                                        metric="map11", key=s) for s in splits}
 
@@ -150,8 +150,8 @@ def _tiny_trial(**kw) -> TrialSpec:
 
 
 @pytest.mark.parametrize("hparams,match", [({"l2": 0.0}, "> 0"), ({"l2": -1e-3}, "> 0"),
-                                           ({}, "takes the hyper-parameters l2; got none"),
-                                           ({"l2": 1.0, "lr": 0.1}, "takes the hyper-parameters l2; got l2, lr")])
+                                           ({}, "takes the hyper-parameters l2, layer, pool, pca; got none"),
+                                           ({"l2": 1.0, "lr": 0.1}, "takes the hyper-parameters l2, layer, pool, pca; got l2, lr")])
 def test_regime_rejects_bad_penalty_before_touching_data(tmp_path, hparams, match):
     ctx = RunContext.local(storage=tmp_path / "s", data_root=tmp_path / "d")
     with pytest.raises(OptionError, match=match):
@@ -171,7 +171,7 @@ def test_non_finite_features_are_diverged(monkeypatch, tmp_path):
     with pytest.raises(Diverged):
         fit_logistic(torch.tensor([[0.0, math.nan], [1.0, 2.0]]), torch.tensor([0, 1]), 1.0, num_classes=2)
 
-    def fake(model, ref, splits, ctx, *, batch_size=256):
+    def fake(model, ref, splits, ctx, *, batch_size=256, variant=None):
         x = torch.ones(6, 3)
         x[0, 0] = math.inf
         return {s: features.FeatureSet(features=x, targets=torch.tensor([0, 1, 0, 1, 0, 1]), num_classes=2,

@@ -43,6 +43,14 @@ def _axis_flags() -> dict[str, str]:
 
 
 # ------------------------------------------------------------------ xfer trial
+def _axis_arg(text: str) -> float | str:
+    """An axis flag's value: a number, or a name (a named axis such as ``--pool max``; the axis checks it)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _add_trial(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="timm architecture, optionally with a tag (resnet50.tv_in1k)")
     p.add_argument("--weights", default="hub",
@@ -54,7 +62,7 @@ def _add_trial(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--regime", required=True, help=" | ".join(REGIMES.names()))
     for name, help_ in _axis_flags().items():
-        p.add_argument(f"--{name.replace('_', '-')}", dest=f"axis_{name}", type=float, help=help_)
+        p.add_argument(f"--{name.replace('_', '-')}", dest=f"axis_{name}", type=_axis_arg, help=help_)
     p.add_argument("--steps", type=int, help="training steps")
     p.add_argument("--batch-size", type=int, help="batch size")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -124,7 +132,7 @@ def trial_from_args(args: argparse.Namespace):
             raise UsageError(f"--{a.name.replace('_', '-')} is required for regime {args.regime!r} "
                              f"(its hyper-parameters: {flags})")
         if a.name in given:  # a cell axis left out runs its default (and keys as a trial without it)
-            hparams[a.name] = float(given.pop(a.name))
+            hparams[a.name] = given.pop(a.name)
     try:
         hparams = {a.name: a.check(hparams[a.name], f"--{a.name.replace('_', '-')}") for a in regime.axes
                    if a.name in hparams}

@@ -16,6 +16,37 @@ STATUSES = ("finished", "diverged", "failed")
 RESULT_STATUSES = ("finished", "diverged")  # a diverged trial is a result; a failed one runs again
 
 
+# The feature store's spatial poolings of a feature map: global average, global max, and both side by side
+# (their concatenation, twice as wide). ``features.POOLS`` implements each; the probe's ``pool`` axis names them.
+POOLINGS = ("avg", "max", "avgmax")
+
+
+@dataclass(frozen=True)
+class FeatureVariant:
+    """Which frozen features a probe reads (Azizpour et al. 2014's factors: depth and pooling).
+
+    ``layer`` 0 is the protocol's feature — the network's own pooled penultimate output, what every key
+    before this existed holds; ``layer`` k >= 1 is timm feature stage k (1-based, in ``feature_info``
+    order), globally pooled by ``pool``. The default variant keys exactly as features always did.
+    """
+
+    layer: int = 0
+    pool: str = "avg"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+            raise ValueError(f"feature layer must be an integer >= 0 (0: penultimate), got {self.layer!r}")
+        if self.pool not in POOLINGS:
+            raise ValueError(f"feature pooling must be one of {', '.join(POOLINGS)}, got {self.pool!r}")
+
+    @property
+    def is_default(self) -> bool:
+        return self == FeatureVariant()
+
+    def describe(self) -> str:
+        return f"{'penultimate' if self.layer == 0 else f'stage {self.layer}'}, {self.pool} pooling"
+
+
 class Diverged(Exception):
     """Raised inside a regime when the loss stops being finite; ``run_trial`` turns it into a status."""
 

@@ -16,6 +16,16 @@ store shared by GPU and CPU workers must not hand one's features to the other. A
 to a temporary name and moved into place with ``os.replace``, so a file under its key is always
 complete: a crash leaves at most a stray ``.tmp`` file, and two workers racing on one key both write
 a valid file.
+
+**Variants** (``contract.FeatureVariant``: Azizpour et al. 2014's factors of transferability). Besides the
+protocol's feature (layer 0: the network's own pooled penultimate output), the store holds timm feature
+stage k (``forward_intermediates``, stages in ``feature_info`` order) pooled globally by average, max or
+both concatenated (``POOLS``); layer 0 can be max- or both-pooled too (its final feature map,
+``forward_features``). A variant other than the default adds ``{"variant": {layer, pool}}`` to the key, so a
+stage's features never pass for the penultimate ones, and the default variant's key is the key it always
+had. Every variant a request needs is extracted in one forward pass per split. PCA is not a variant: it is
+fitted by the probe on the training split's stored features (cheap, and a stored projection would have to
+be keyed by the split it was fitted on).
 """
 from __future__ import annotations
 
@@ -23,7 +33,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -31,8 +41,9 @@ from torch.utils.data import DataLoader, Dataset
 from xfer.data.base import SPLITS
 from xfer.engine import pinned_threads
 from xfer.io import save_torch
-from xfer.contract import RunContext, splits_for
+from xfer.contract import POOLINGS, FeatureVariant, RunContext, splits_for
 from xfer.hashing import stable_hash
+from xfer.options import OptionError
 
 if TYPE_CHECKING:
     from xfer.data.transforms import DataConfig
@@ -44,6 +55,26 @@ log = logging.getLogger(__name__)
 # bump when what a feature *is* changes (layer, pooling, transform, precision policy): old keys go stale
 FEATURE_PROTOCOL = "1"
 STORED_DTYPE = torch.float32  # what the store keeps, whatever the forward pass computed in
+DEFAULT = FeatureVariant()
+
+
+def _flat_map(x: torch.Tensor) -> torch.Tensor:
+    """A feature map as [N, C, positions]: NCHW maps (CNN stages) or [N, tokens, C] (a transformer's final
+    features, whose stages ``forward_intermediates`` already returns as NCHW)."""
+    if x.ndim == 4:
+        return x.flatten(2)
+    if x.ndim == 3:
+        return x.transpose(1, 2)
+    raise FeatureStoreError(f"cannot pool a feature map of shape {tuple(x.shape)}; expected NCHW or [N, tokens, C]")
+
+
+# pooling name -> [N, C, ...] feature map to [N, D] features (the names are contract.POOLINGS)
+POOLS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "avg": lambda x: _flat_map(x).mean(dim=2),
+    "max": lambda x: _flat_map(x).amax(dim=2),
+    "avgmax": lambda x: torch.cat([_flat_map(x).mean(dim=2), _flat_map(x).amax(dim=2)], dim=1),
+}
+assert tuple(POOLS) == POOLINGS, "features.POOLS must implement exactly contract.POOLINGS"
 
 
 def precision_for(device: str) -> str:
@@ -54,6 +85,11 @@ def precision_for(device: str) -> str:
 
 class FeatureStoreError(ValueError):
     """A bad request to the feature store (unknown split, a backbone that does not give pooled features)."""
+
+
+class UnknownStageError(FeatureStoreError, OptionError):
+    """A feature layer the model does not have: a user's error (``xfer`` prints it, no traceback), and
+    its message lists the model's valid layers."""
 
 
 @dataclass
@@ -84,12 +120,15 @@ class _Identity:
 # (A weights file rewritten in place with the same size is not noticed within one process.)
 _BACKBONE_IDS: dict[str, tuple[str, dict[str, Any]]] = {}  # model → (fingerprint, data config)
 _DATASET_IDS: dict[str, str] = {}  # (dataset, data root) → fingerprint
+Stage = tuple[str, int]  # a timm feature stage: (module name, channels)
+_STAGES: dict[str, tuple[Stage, ...]] = {}  # model → its feature stages (feature_info order)
 
 
 def clear_identity_cache() -> None:
     """Forget the in-process fingerprints (the next key lookup rebuilds backbone and dataset)."""
     _BACKBONE_IDS.clear()
     _DATASET_IDS.clear()
+    _STAGES.clear()
 
 
 def _model_memo(model: "ModelSpec") -> str:
@@ -105,10 +144,48 @@ def _check_split(split: str) -> None:
         raise FeatureStoreError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
 
 
-def _key(identity: _Identity, split: str) -> str:
-    return stable_hash({"backbone": identity.backbone, "dataset": identity.dataset, "split": split,
-                        "data_config": identity.data_config, "precision": identity.precision,
-                        "dtype": str(STORED_DTYPE).removeprefix("torch."), "protocol": FEATURE_PROTOCOL}, n=24)
+def _key(identity: _Identity, split: str, variant: FeatureVariant = DEFAULT) -> str:
+    parts: dict[str, Any] = {"backbone": identity.backbone, "dataset": identity.dataset, "split": split,
+                             "data_config": identity.data_config, "precision": identity.precision,
+                             "dtype": str(STORED_DTYPE).removeprefix("torch."), "protocol": FEATURE_PROTOCOL}
+    if not variant.is_default:  # absent for the protocol's feature: its keys stay as they always were
+        parts["variant"] = {"layer": variant.layer, "pool": variant.pool}
+    return stable_hash(parts, n=24)
+
+
+def feature_stages(model: torch.nn.Module) -> tuple[Stage, ...]:
+    """The feature stages of a timm model, in ``feature_info`` order (stage k is entry k-1); () when it
+    exposes none that ``forward_intermediates`` can return."""
+    info = getattr(model, "feature_info", None)
+    if not isinstance(info, (list, tuple)) or not hasattr(model, "forward_intermediates"):
+        return ()
+    return tuple((str(d.get("module", f"stage {i + 1}")), int(d.get("num_chs", 0))) for i, d in enumerate(info))
+
+
+def model_stages(model: "ModelSpec") -> tuple[Stage, ...]:
+    """The feature stages of ``model``'s architecture, without its weights (built on the meta device: no
+    memory, no download): for checking a sweep's layers before it runs and the report's relative depth."""
+    import timm
+
+    with torch.device("meta"):
+        net = timm.create_model(model.arch, pretrained=False, num_classes=0)
+    return feature_stages(net)
+
+
+def stage_count(model: "ModelSpec") -> int:
+    """How many feature stages ``model`` has (the report's relative depth is stage / this)."""
+    return len(model_stages(model))
+
+
+def check_layer(model_name: str, stages: Sequence[Stage], layer: int) -> None:
+    """An UnknownStageError naming the model's valid layers unless ``layer`` is one of them."""
+    if layer <= len(stages):
+        return
+    listed = ", ".join(f"{i} ({m}, {c} channels)" for i, (m, c) in enumerate(stages, 1))
+    raise UnknownStageError(f"model {model_name!r} has no feature stage {layer}; valid layers: 0 (the penultimate "
+                            "pooled features)" + (f", {listed}" if listed else
+                                                  " only: it exposes no timm feature stages (feature_info / "
+                                                  "forward_intermediates)"))
 
 
 def _config_dict(cfg: "DataConfig") -> dict[str, Any]:
@@ -133,6 +210,7 @@ class _Built:
             self.backbone = load_backbone(self.model, num_classes=0, ctx=self.ctx)  # pooled features, no head
             _BACKBONE_IDS[_model_memo(self.model)] = (self.backbone.fingerprint,
                                                       _config_dict(self.backbone.data_config))
+            _STAGES[_model_memo(self.model)] = feature_stages(self.backbone.model)
         return self.backbone
 
     def get_dataset(self) -> Any:
@@ -155,11 +233,28 @@ class _Built:
         return _Identity(backbone=b[0], dataset=d, data_config=b[1],
                          precision=precision_for(self.ctx.resolved_device()))
 
+    def check(self, variant: FeatureVariant) -> None:
+        """The model has ``variant``'s layer (its stages are known once ``identity`` has run)."""
+        if variant.layer:
+            if _model_memo(self.model) not in _STAGES:
+                self.get_backbone()
+            check_layer(self.model.name, _STAGES[_model_memo(self.model)], variant.layer)
 
-def feature_key(model: "ModelSpec", ref: "DatasetRef", split: str, ctx: RunContext) -> str:
-    """The store key of one split's features (the file is ``ctx.features_dir() / f"{key}.pt"``)."""
+
+def _identity(built: _Built, variants: Sequence[FeatureVariant]) -> _Identity:
+    identity = built.identity()
+    for v in variants:
+        built.check(v)
+    return identity
+
+
+def feature_key(model: "ModelSpec", ref: "DatasetRef", split: str, ctx: RunContext,
+                variant: FeatureVariant = DEFAULT) -> str:
+    """The store key of one split's features (the file is ``ctx.features_dir() / f"{key}.pt"``); a layer
+    the model does not have is a FeatureStoreError naming the ones it has."""
     _check_split(split)
-    return _key(_Built(model, ref, ctx).identity(), split)
+    built = _Built(model, ref, ctx)
+    return _key(_identity(built, [variant]), split, variant)
 
 
 def feature_path(key: str, ctx: RunContext) -> Path:
@@ -169,10 +264,36 @@ def feature_path(key: str, ctx: RunContext) -> Path:
 # ---------------------------------------------------------------------------------------------
 # Extraction
 # ---------------------------------------------------------------------------------------------
+Pair = tuple[str, FeatureVariant]  # (split, variant): one stored entry
+
+
+def _forward(model: torch.nn.Module, images: torch.Tensor, variants: Sequence[FeatureVariant]
+             ) -> dict[FeatureVariant, torch.Tensor]:
+    """Every variant's [N, D] features of one batch from one forward pass."""
+    if all(v.is_default for v in variants):  # the protocol's feature: the model's own pooled output
+        out = model(images)
+        if out.ndim != 2:
+            raise FeatureStoreError(
+                f"the backbone returned features of shape {tuple(out.shape)}; expected globally pooled "
+                "[batch, num_features] (build it with num_classes=0 and global pooling)")
+        return {v: out for v in variants}
+    layers = sorted({v.layer for v in variants if v.layer})
+    if layers:  # the final map and every stage asked for, in one pass
+        final, maps = model.forward_intermediates(images, indices=[k - 1 for k in layers])
+        stage = dict(zip(layers, maps))
+    else:
+        final, stage = model.forward_features(images), {}
+    # layer 0, average: forward_head is what model(x) runs after forward_features (timm's contract)
+    return {v: model.forward_head(final, pre_logits=True) if v.is_default else
+            POOLS[v.pool](final if v.layer == 0 else stage[v.layer]) for v in variants}
+
+
 def extract_features(model: torch.nn.Module, split: Dataset, cfg: "DataConfig", *, batch_size: int = 256,
-                     device: str = "cpu", num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled features [N, D] (float32, CPU) and targets of ``split`` under the frozen ``model``
-    (a timm model built with ``num_classes=0``, so its output is the pooled penultimate layer)."""
+                     device: str = "cpu", num_workers: int = 0, variants: Sequence[FeatureVariant] = (DEFAULT,)
+                     ) -> tuple[dict[FeatureVariant, torch.Tensor], torch.Tensor]:
+    """Pooled features of each of ``variants`` ({variant: [N, D] float32, CPU}) and the targets of
+    ``split`` under the frozen ``model`` (a timm model built with ``num_classes=0``, so its output is the
+    pooled penultimate layer), all from one pass over the data."""
     from xfer.data.transforms import Transformed, eval_transform
 
     was_training = model.training
@@ -181,23 +302,19 @@ def extract_features(model: torch.nn.Module, split: Dataset, cfg: "DataConfig", 
     cuda = torch.device(device).type == "cuda"
     loader = DataLoader(Transformed(split, eval_transform(cfg)), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, pin_memory=cuda)
-    feats: list[torch.Tensor] = []
+    feats: dict[FeatureVariant, list[torch.Tensor]] = {v: [] for v in variants}
     targets: list[torch.Tensor] = []
     try:
         with torch.no_grad(), torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda):
             for images, t in loader:
-                out = model(images.to(device, non_blocking=True))
-                if out.ndim != 2:
-                    raise FeatureStoreError(
-                        f"the backbone returned features of shape {tuple(out.shape)}; expected globally pooled "
-                        "[batch, num_features] (build it with num_classes=0 and global pooling)")
-                feats.append(out.to(STORED_DTYPE).cpu())
+                for v, out in _forward(model, images.to(device, non_blocking=True), variants).items():
+                    feats[v].append(out.to(STORED_DTYPE).cpu())
                 targets.append(t)
     finally:
         model.train(was_training)
-    if not feats:
+    if not targets:
         raise FeatureStoreError("the split is empty; there is nothing to extract")
-    return torch.cat(feats), torch.cat(targets)
+    return {v: torch.cat(x) for v, x in feats.items()}, torch.cat(targets)
 
 
 def _load(path: Path) -> dict[str, Any] | None:
@@ -220,8 +337,9 @@ def _as_set(obj: dict[str, Any], key: str) -> FeatureSet:
                       multilabel=bool(meta["multilabel"]), metric=str(meta["metric"]), key=key, meta=meta)
 
 
-def _compute(built: _Built, splits: Sequence[str], batch_size: int) -> dict[str, FeatureSet]:
-    """Extract every split not in the store, with one backbone and one dataset build."""
+def _compute(built: _Built, pairs: Sequence[Pair], batch_size: int) -> dict[Pair, FeatureSet]:
+    """Extract every (split, variant) not in the store, with one backbone and one dataset build and one
+    pass over each split for all of its variants."""
     import timm
 
     from xfer import __version__
@@ -229,59 +347,79 @@ def _compute(built: _Built, splits: Sequence[str], batch_size: int) -> dict[str,
     model, ref, ctx = built.model, built.ref, built.ctx
     identity = built.identity()
     backbone, ds = built.get_backbone(), built.get_dataset()
+    stages = feature_stages(backbone.model)
     device = ctx.resolved_device()
-    out: dict[str, FeatureSet] = {}
-    for split in splits:
-        key = _key(identity, split)
-        path = feature_path(key, ctx)
-        stored = _load(path)  # another worker may have written it meanwhile
-        if stored is not None:
-            out[split] = _as_set(stored, key)
+    out: dict[Pair, FeatureSet] = {}
+    for split in dict.fromkeys(s for s, _ in pairs):
+        todo: list[FeatureVariant] = []
+        for v in dict.fromkeys(v for s, v in pairs if s == split):
+            key = _key(identity, split, v)
+            stored = _load(feature_path(key, ctx))  # another worker may have written it meanwhile
+            if stored is not None:
+                out[(split, v)] = _as_set(stored, key)
+            else:
+                todo.append(v)
+        if not todo:
             continue
         data = ds.split(split)
-        log.info("feature store miss %s: extracting %s features of %s/%s (%d images) on %s",
-                 key, model.name, ref.display, split, len(data), device)
+        log.info("feature store miss: extracting %s features of %s/%s (%d images; %s) on %s", model.name,
+                 ref.display, split, len(data), "; ".join(v.describe() for v in todo), device)
         t0 = time.perf_counter()
         with pinned_threads(ctx):  # stored features must not depend on the worker's thread count
-            x, y = extract_features(backbone.model, data, backbone.data_config, batch_size=batch_size,
-                                    device=device, num_workers=ctx.num_workers)
+            xs, y = extract_features(backbone.model, data, backbone.data_config, batch_size=batch_size,
+                                     device=device, num_workers=ctx.num_workers, variants=todo)
+        seconds = round(time.perf_counter() - t0, 3)
         info = ds.info
-        meta = {
-            "key": key, "split": split, "model": model.name, "arch": model.arch, "weights": model.weights_id(),
-            "backbone_fingerprint": identity.backbone, "dataset": ref.name, "dataset_label": ref.display,
-            "dataset_fingerprint": identity.dataset, "data_config": identity.data_config,
-            "num_classes": int(info.num_classes), "multilabel": bool(info.multilabel), "metric": info.metric,
-            "n": int(x.shape[0]), "dim": int(x.shape[1]), "protocol": FEATURE_PROTOCOL,
-            "precision": identity.precision, "dtype": str(STORED_DTYPE).removeprefix("torch."),
-            "device": device, "seconds": round(time.perf_counter() - t0, 3), "created": time.time(),
-            "versions": {"xfer": str(__version__), "torch": str(torch.__version__), "timm": str(timm.__version__)},
-        }
-        obj = {"features": x.contiguous(), "targets": y.contiguous(), "meta": meta}
-        save_torch(obj, path)
-        log.info("feature store: wrote %s [%d x %d] in %.1fs", path, x.shape[0], x.shape[1], meta["seconds"])
-        out[split] = _as_set(obj, key)
+        for v in todo:
+            key, x = _key(identity, split, v), xs[v]
+            meta = {
+                "key": key, "split": split, "model": model.name, "arch": model.arch, "weights": model.weights_id(),
+                "backbone_fingerprint": identity.backbone, "dataset": ref.name, "dataset_label": ref.display,
+                "dataset_fingerprint": identity.dataset, "data_config": identity.data_config,
+                "num_classes": int(info.num_classes), "multilabel": bool(info.multilabel), "metric": info.metric,
+                "n": int(x.shape[0]), "dim": int(x.shape[1]), "protocol": FEATURE_PROTOCOL,
+                "precision": identity.precision, "dtype": str(STORED_DTYPE).removeprefix("torch."),
+                "device": device, "seconds": seconds, "created": time.time(),
+                "versions": {"xfer": str(__version__), "torch": str(torch.__version__), "timm": str(timm.__version__)},
+            }
+            if not v.is_default:  # which stage (its timm module) and pooling; the default's meta is as it was
+                meta.update(layer=v.layer, pool=v.pool, stage=stages[v.layer - 1][0] if v.layer else "penultimate",
+                            num_stages=len(stages))
+            obj = {"features": x.contiguous(), "targets": y.contiguous(), "meta": meta}
+            save_torch(obj, feature_path(key, ctx))
+            log.info("feature store: wrote %s [%d x %d] in %.1fs", feature_path(key, ctx), x.shape[0], x.shape[1],
+                     seconds)
+            out[(split, v)] = _as_set(obj, key)
     return out
 
 
-def get_feature_sets(model: "ModelSpec", ref: "DatasetRef", splits: Sequence[str], ctx: RunContext, *,
-                     batch_size: int = 256) -> dict[str, FeatureSet]:
-    """Several splits' features, computing (with one backbone build) only the ones not yet stored."""
-    for s in splits:
+def get_variant_sets(model: "ModelSpec", ref: "DatasetRef", pairs: Sequence[Pair], ctx: RunContext, *,
+                     batch_size: int = 256) -> dict[Pair, FeatureSet]:
+    """Several (split, variant) entries, computing (with one backbone build) only the ones not yet stored;
+    a layer the model does not have is a FeatureStoreError naming its valid layers."""
+    for s, _ in pairs:
         _check_split(s)
     built = _Built(model, ref, ctx)  # builds only what the in-process memo lacks; reused on a miss
-    identity = built.identity()
-    out: dict[str, FeatureSet] = {}
-    missing: list[str] = []
-    for split in dict.fromkeys(splits):
-        key = _key(identity, split)
+    identity = _identity(built, [v for _, v in pairs])
+    out: dict[Pair, FeatureSet] = {}
+    missing: list[Pair] = []
+    for pair in dict.fromkeys(pairs):
+        key = _key(identity, *pair)
         stored = _load(feature_path(key, ctx))
         if stored is None:
-            missing.append(split)
+            missing.append(pair)
         else:
-            out[split] = _as_set(stored, key)
+            out[pair] = _as_set(stored, key)
     if missing:
         out.update(_compute(built, missing, batch_size))
-    return {s: out[s] for s in splits}
+    return {p: out[p] for p in pairs}
+
+
+def get_feature_sets(model: "ModelSpec", ref: "DatasetRef", splits: Sequence[str], ctx: RunContext, *,
+                     batch_size: int = 256, variant: FeatureVariant = DEFAULT) -> dict[str, FeatureSet]:
+    """Several splits' features (of one variant), computing only the ones not yet stored."""
+    sets = get_variant_sets(model, ref, [(s, variant) for s in splits], ctx, batch_size=batch_size)
+    return {s: sets[(s, variant)] for s in splits}
 
 
 def get_feature_set(model: "ModelSpec", ref: "DatasetRef", split: str, ctx: RunContext, *,
@@ -297,14 +435,17 @@ def get_features(model: "ModelSpec", ref: "DatasetRef", split: str, ctx: RunCont
     return fs.features, fs.targets
 
 
-def precompute(trial: "TrialSpec", ctx: RunContext, stages: Sequence[str] | None = None) -> list[str]:
+def precompute(trial: "TrialSpec", ctx: RunContext, stages: Sequence[str] | None = None,
+               variants: Sequence[FeatureVariant] = (DEFAULT,)) -> list[str]:
     """Fill the store for the splits ``trial`` reads (train/val in the grid stage, trainval/test in the
     final stage) before the λ grid runs; ``stages=("grid", "final")`` does both stages' four splits with
-    one backbone build. Returns the keys, in split order."""
+    one backbone build, ``variants`` every feature variant the sweep's probes read, in the same pass.
+    Returns the keys, variant by variant, each in split order."""
     wanted: list[str] = []
     for stage in stages or (trial.stage,):
         s = splits_for(stage)
         wanted += [s.train, s.eval]
     batch_size = int(trial.options.get("batch_size", 256))
-    sets = get_feature_sets(trial.model, trial.dataset, list(dict.fromkeys(wanted)), ctx, batch_size=batch_size)
+    pairs = [(s, v) for v in dict.fromkeys(variants) for s in dict.fromkeys(wanted)]
+    sets = get_variant_sets(trial.model, trial.dataset, pairs, ctx, batch_size=batch_size)
     return [fs.key for fs in sets.values()]

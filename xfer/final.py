@@ -14,7 +14,7 @@ from typing import IO, Any
 
 import pandas as pd
 
-from xfer import report_regularizers, select, tracking
+from xfer import report_factors, report_regularizers, select, tracking
 from xfer.layout import StorageLayout
 from xfer.spec import SweepSpec, load_spec
 from xfer.trial import TrialSpec
@@ -139,6 +139,7 @@ def write_report(spec: SweepSpec, uri: str, parent_run_id: str | None, layout: S
     out_dir = Path(report_dir) if report_dir else layout.report_dir(spec.name)
     results = results_from_mlflow(uri, spec.name, spec.grid_trials())
     results = report_regularizers.with_settings(results, spec.models)  # each model's source-training settings
+    results = report_factors.with_factors(results, spec.models, spec.datasets)  # distances, stage counts
     made = build(results, out_dir, uri=uri, title=f"xfer study: {spec.name}", stream=stream, experiment=spec.name,
                  asha=asha_from_mlflow(uri, spec))
     if parent_run_id:
@@ -162,6 +163,7 @@ def report_cli(args) -> int:
     results = results_from_mlflow(uri, args.experiment, spec.grid_trials() if spec else None)
     if spec is not None:
         results = report_regularizers.with_settings(results, spec.models)
+        results = report_factors.with_factors(results, spec.models, spec.datasets)
     out_dir = Path(args.out or Path("reports") / args.experiment)
     build(results, out_dir, uri=uri, title=f"xfer study: {args.experiment}", experiment=args.experiment,
           asha=asha_from_mlflow(uri, spec))

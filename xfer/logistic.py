@@ -78,6 +78,40 @@ class Standardizer:
 
 
 @dataclass
+class PCA:
+    """Principal-component projection fitted on the training features only (Azizpour et al. 2014's
+    dimensionality factor): ``fit`` sees the training split, ``__call__`` applies the same centring and
+    components to any split, so held-out features never shape the projection. Components are the top
+    eigenvectors of the training covariance (float64), each signed so its largest-magnitude entry is
+    positive (deterministic across runs)."""
+
+    mean: torch.Tensor  # [D]
+    components: torch.Tensor  # [D, k]
+    explained: torch.Tensor  # [k] fraction of the training variance each component carries
+
+    @staticmethod
+    def fit(x: torch.Tensor, k: int) -> "PCA":
+        """The top ``min(k, D, N)`` components of ``x`` [N, D] (fewer than asked when the features are
+        narrower or fewer than ``k``)."""
+        if k < 1:
+            raise ValueError(f"PCA needs k >= 1 components, got {k!r}")
+        x = x.to(torch.float64)
+        mean = x.mean(dim=0)
+        xc = x - mean
+        cov = xc.T @ xc / max(len(x) - 1, 1)
+        values, vectors = torch.linalg.eigh(cov)  # ascending
+        k = min(k, x.shape[1], len(x))
+        values, vectors = values.flip(0)[:k], vectors.flip(1)[:, :k]
+        sign = torch.sign(vectors.gather(0, vectors.abs().argmax(dim=0, keepdim=True)))
+        total = torch.clamp(torch.trace(cov), min=1e-300)
+        return PCA(mean=mean, components=vectors * torch.where(sign == 0, 1.0, sign),
+                   explained=values.clamp(min=0) / total)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.to(torch.float64) - self.mean.to(x.device)) @ self.components.to(x.device)
+
+
+@dataclass
 class LogisticFit:
     """A fitted (multinomial or one-vs-rest) logistic regression."""
 

@@ -17,8 +17,12 @@ from xfer.tracking.writer import FINAL, STEP, VAL, final_entries
 from xfer.trial import TrialSpec
 
 
-def _fmt_hparams(h: dict[str, float]) -> str:
-    return " ".join(f"{k}={v:.3g}" for k, v in h.items())
+def _fmt_hparams(h: dict[str, float], regime: str) -> str:
+    """``l2=0.001 pool=max``: each value as its regime's axis prints it (a named axis by its name)."""
+    from xfer.regimes import REGIMES
+
+    axes = {a.name: a for a in REGIMES.get(regime).axes} if regime in REGIMES else {}
+    return " ".join(axes[k].format(v) if k in axes else f"{k}={v:.3g}" for k, v in h.items())
 
 
 def _record(entry: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -57,11 +61,12 @@ class StageProgress:
         name, value = _headline(metrics, cfg.get("stage", "grid"))
         if status == "finished" and value is not None:
             if cell not in self.best or value > self.best[cell][0]:
-                self.best[cell] = (value, name, _fmt_hparams(cfg["hparams"]))
+                self.best[cell] = (value, name, _fmt_hparams(cfg["hparams"], cfg["regime"]))
         result = f"{name} {value:.3f}" if value is not None else status
         if status != "finished":
             result = f"{status.upper()}" + (f" ({metrics.get('message', '')[:80]})" if metrics.get("message") else "")
-        return (f"[{self.stage} {self.done}/{self.total}] {'/'.join(cell)} {_fmt_hparams(cfg['hparams'])} → {result}")
+        hp = _fmt_hparams(cfg["hparams"], cfg["regime"])
+        return f"[{self.stage} {self.done}/{self.total}] {'/'.join(cell)} {hp} → {result}"
 
     def status_line(self) -> str:
         return (f"[{self.stage}] {self.done}/{self.total} done · {len(self.running)} running · "

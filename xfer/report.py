@@ -832,10 +832,13 @@ def build_report(results: pd.DataFrame, out_dir: str | Path,
     if solver:
         doc.h("Solver convergence")
         doc.p(solver)
-    extra = report_curves.views(full, out, curves, color=regime_color, label=regime_label)
-    for kind, x in extra.blocks:
-        doc.img(*x) if kind == "img" else {"h2": doc.h, "p": doc.p, "table": doc.table}[kind](x)
-    files.update(extra.files)
+    from xfer import report_factors  # the probe's feature axes: layer, pooling, PCA (Azizpour et al. 2014)
+
+    for extra in (report_curves.views(full, out, curves, color=regime_color, label=regime_label),
+                  report_factors.views(full, out)):
+        for kind, x in extra.blocks:
+            doc.img(*x) if kind == "img" else {"h2": doc.h, "p": doc.p, "table": doc.table}[kind](x)
+        files.update(extra.files)
 
     if estimates is not None and len(estimates):
         from xfer import report_estimators  # the opt-in estimate stage's section

@@ -74,7 +74,9 @@ def cell_of(trial: TrialSpec) -> tuple[str, str, str, CellPoint]:
 
 
 def _cell_label(cell: tuple) -> str:
-    point = " ".join(f"{k}={v:g}" for k, v in (cell[3] if len(cell) > 3 else ()) if v != _default(cell[2], k))
+    known = cell[2] in REGIMES  # a named axis (pooling) prints its name
+    point = " ".join(REGIMES.get(cell[2]).axis(k).format(v) if known else f"{k}={v:g}"
+                     for k, v in (cell[3] if len(cell) > 3 else ()) if v != _default(cell[2], k))
     return " / ".join(cell[:3]) + (f" [{point}]" if point else "")
 
 

@@ -19,7 +19,7 @@ from xfer.io import parse_size
 from xfer.layout import DEFAULT_MIN_FREE, LayoutError, safe_name
 from xfer.plugins import PluginError, import_plugins
 from xfer.options import OptionError, is_number, unknown_key_message, yaml_number
-from xfer.regimes import REGIMES, Regime
+from xfer.regimes import REGIMES, Axis, Regime
 from xfer.timm_names import UnknownArchitectureError, check_arch
 from xfer.tracking.uri import has_credentials, redact_uri
 from xfer.trial import WEIGHT_SOURCES, DatasetRef, ModelSpec, PretrainSpec, TrialSpec
@@ -191,6 +191,21 @@ def model_spec(raw: Any, path: str, seeds: list[int]) -> ModelSpec:
                      input_size=size, paper_name=paper, stand_in=stand_in)
 
 
+def _axis_values(axis: Axis, raw: Any, path: str) -> list[float]:
+    """A grid axis's values, checked: numbers (``_expand_values``), or names on a named axis
+    (``pool: [avg, max]``, held as their indices)."""
+    if axis.names:
+        items = raw if isinstance(raw, list) else [raw]
+        try:
+            return [axis.check(v, f"{path}[{i}]" if isinstance(raw, list) else path) for i, v in enumerate(items)]
+        except OptionError as e:
+            raise SpecError(str(e)) from None
+    values = _expand_values(raw, path)
+    bad = [v for v in values if not axis.valid(v)]
+    _expect(not bad, path, f"values must be {axis.rule}, got {bad}")
+    return values
+
+
 @dataclass(frozen=True)
 class RegimeSpec:
     name: str
@@ -223,13 +238,12 @@ def _regime(name: str, raw: Any, path: str) -> RegimeSpec:
         if axis.name not in grid_raw and axis.default is not None:
             continue  # a cell axis the sweep does not name: its trials run (and key as) its default
         _expect(axis.name in grid_raw, f"{path}.grid.{axis.name}", "missing; every axis of the regime needs values")
-        values = _expand_values(grid_raw[axis.name], f"{path}.grid.{axis.name}")
-        bad = [v for v in values if not axis.valid(v)]
-        _expect(not bad, f"{path}.grid.{axis.name}", f"values must be {axis.rule}, got {bad}")
+        values = _axis_values(axis, grid_raw[axis.name], f"{path}.grid.{axis.name}")
         if axis.cell and not any(axis.is_default(v) for v in values):
-            raise SpecError(f"{path}.grid.{axis.name}: a cell axis must include its default {axis.default:g} (the "
-                            "cell the main analysis compares across models and regimes; every other value is a "
-                            f"cell of its own), got {values}")
+            raise SpecError(f"{path}.grid.{axis.name}: a cell axis must include its default "
+                            f"{axis.label(axis.default)} (the cell the main analysis compares across models and "
+                            "regimes; every other value is a cell of its own), got "
+                            f"{[axis.label(v) for v in values]}")
         grid[axis.name] = values
     return RegimeSpec(name=name, grid=grid, options=_options(regime, raw, path), trials_per_task=per_task)
 

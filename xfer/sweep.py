@@ -164,16 +164,35 @@ def trial_configs(trials: Sequence[TrialSpec], batch: bool = True,
 
 
 def _compute_features(trial_dict: dict[str, Any], storage: str, data_root: str, download: bool,
-                      plugins: Sequence[str] = ()) -> str:
-    """Ray task: fill the feature store for one linear-probe trial's model × dataset (all splits)."""
+                      plugins: Sequence[str] = (), variants: Sequence[tuple[int, str]] = ((0, "avg"),)) -> str:
+    """Ray task: fill the feature store for one linear-probe trial's model × dataset (all splits), for
+    every feature variant (layer, pooling) the sweep's probes of that pair read."""
     from xfer import features
+    from xfer.contract import FeatureVariant
 
     import_plugins(plugins)
     trial = TrialSpec.from_dict(trial_dict)
     ctx = RunContext.local(storage, data_root, download=download)
-    # the grid reads train/val and the final stage trainval/test: all four in one backbone build
-    features.precompute(trial, ctx, stages=("grid", "final"))
+    # the grid reads train/val and the final stage trainval/test: all four, every variant, in one backbone build
+    features.precompute(trial, ctx, stages=("grid", "final"), variants=[FeatureVariant(*v) for v in variants])
     return trial.key
+
+
+def check_feature_layers(trials: Sequence[TrialSpec]) -> None:
+    """Every probe trial's feature layer exists in its model (one meta-device build per model that reads a
+    stage, no weights): a wrong layer fails before anything runs, naming the model's valid layers."""
+    from xfer import features
+    from xfer.regimes import REGIMES
+
+    deepest: dict[str, tuple[ModelSpec, int]] = {}
+    for t in trials:
+        regime = REGIMES.get(t.regime)
+        if regime.uses_features:
+            layer = regime.feature_variant(t).layer
+            if layer > deepest.get(t.model.name, (t.model, 0))[1]:
+                deepest[t.model.name] = (t.model, layer)
+    for model, layer in deepest.values():
+        features.check_layer(model.name, features.model_stages(model), layer)
 
 
 # ------------------------------------------------------------------ Ray connection
@@ -458,7 +477,9 @@ SEARCHES: dict[str, Callable[..., list[StageOutcome]]] = {"grid": _grid_search, 
 def run_features(trials: Sequence[TrialSpec], *, spec: SweepSpec, paths: StorageLayout,
                  stream: IO[str] | None = None) -> int:
     """Compute frozen features once per (weights, dataset) for every linear-probe trial, in parallel
-    Ray tasks, before the grid (so the 45-value λ grid never recomputes them)."""
+    Ray tasks, before the grid (so the 45-value λ grid never recomputes them): one task per pair, which
+    extracts every feature variant (layer, pooling) the pair's trials read in one pass per split. A layer
+    a model does not have fails here, before any task, naming the model's valid layers."""
     import ray
 
     from xfer import features
@@ -467,22 +488,29 @@ def run_features(trials: Sequence[TrialSpec], *, spec: SweepSpec, paths: Storage
     from xfer.regimes import REGIMES
 
     ctx = RunContext(layout=paths, download=spec.download)
-    need: dict[str, TrialSpec] = {}
+    need: dict[str, tuple[TrialSpec, dict[tuple[int, str], None]]] = {}
     for t in trials:
-        if not REGIMES.get(t.regime).uses_features:
+        regime = REGIMES.get(t.regime)
+        if not regime.uses_features:
             continue
-        keys = tuple(features.feature_key(t.model, t.dataset, split, ctx) for split in ("train", "val", "trainval", "test"))
-        if not all(paths.feature_file(k).exists() for k in keys):
-            need.setdefault("|".join(keys), t)
+        variant = regime.feature_variant(t)
+        keys = [features.feature_key(t.model, t.dataset, split, ctx, v) for v in (features.DEFAULT, variant)
+                for split in ("train", "val", "trainval", "test")]
+        pair = "|".join(keys[:4])  # the default variant's keys name the (weights, dataset) pair
+        if not all(paths.feature_file(k).exists() for k in keys[4:]):
+            need.setdefault(pair, (t, {}))[1][(variant.layer, variant.pool)] = None
     if not need:
         return 0
     task = ray.remote(max_retries=1)(_compute_features)
-    print(f"features: computing {len(need)} frozen-feature sets", file=out, flush=True)
+    n_sets = sum(len(v) for _, v in need.values())
+    print(f"features: computing {n_sets} frozen-feature sets ({len(need)} model × dataset pairs)", file=out,
+          flush=True)
     refs = []
-    for t in need.values():  # each on its model's resources (a small model can take a GPU fraction)
+    for t, variants in need.values():  # each on its model's resources (a small model can take a GPU fraction)
         res = spec.resources_for(t.regime, t.model.name)
         refs.append(task.options(num_cpus=res["cpu"], num_gpus=res["gpu"]).remote(
-            t.to_dict(), str(paths.storage), str(paths.data_root), spec.download, tuple(spec.plugins)))
+            t.to_dict(), str(paths.storage), str(paths.data_root), spec.download, tuple(spec.plugins),
+            tuple(variants)))
     for i, ref in enumerate(refs, 1):
         ray.get(ref)
         print(f"[features {i}/{len(refs)}] done", file=out, flush=True)
@@ -507,12 +535,14 @@ def run_sweep(spec: SweepSpec, *, tracking_uri: str | None = None, address: str 
     """Run the study's stages. Before anything starts (Ray, the MLflow parent run) the tracking server
     must answer and the storage must take writes and have ``min_free`` bytes free (default: the spec's
     ``min_free_space``) — a full or read-only storage fails here, as one ``StorageError``, not in every
-    trial. ``final_wait_s``: how long the final stage waits for a tracking server that went away to take
+    trial; a probe's feature layer the model lacks fails here too (``check_feature_layers``).
+    ``final_wait_s``: how long the final stage waits for a tracking server that went away to take
     the journaled grid results before it gives up."""
     from xfer import tracking
     from xfer.tracking.writer import SweepTracker
 
     out = stream or sys.stdout
+    check_feature_layers(spec.grid_trials())
     uri = tracking.absolute_sqlite(tracking.resolve_tracking_uri(tracking_uri, spec.tracking_uri))
     tracking.check_reachable(uri)
     paths = StorageLayout(Path(storage or spec.storage), Path(data_root or spec.data_root))

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from xfer.data.base import SPLITS, DatasetInfo, TransferDataset
 from xfer.data.registry import (DATASETS, DatasetEntry, DatasetNotFoundError, build_dataset, build_from_ref,
-                                dataset_option_names, resolve_options)
+                                dataset_option_names, resolve_options, source_distance)
 from xfer.data import digits, folder, synthetic, vision  # noqa: E402,F401  (they register themselves)
 
 __all__ = ["DATASETS", "SPLITS", "DatasetEntry", "DatasetInfo", "DatasetNotFoundError", "TransferDataset",
-           "build_dataset", "build_from_ref", "dataset_option_names", "resolve_options"]
+           "build_dataset", "build_from_ref", "dataset_option_names", "resolve_options",
+           "source_distance"]

@@ -77,6 +77,9 @@ class DatasetEntry:
     downloadable: bool = False  # torchvision can fetch it (``download: true``)
     paper: PaperSplits | None = None  # the published class count and split sizes, where there are some
     choices: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)  # options with a closed set of values
+    # the option that measures the task's distance from its source task, where the family controls one
+    # (the synthetic family's ``distance``); the report's factors-of-transferability view plots against it
+    distance_option: str | None = None
 
 
 DATASETS: Registry[DatasetEntry] = Registry("dataset")
@@ -110,6 +113,15 @@ def resolve_options(name: str, options: Mapping[str, Any], path: str | None = No
     if not entry.downloadable or "download" not in options:
         out.pop("download", None)
     return out
+
+
+def source_distance(ref: "DatasetRef") -> float | None:
+    """The dataset's distance from its source task (its family's ``distance_option``, defaults filled in);
+    None when the family measures none (a natural dataset's distance from ImageNet is not known here)."""
+    entry = DATASETS.get(ref.name)
+    if entry.distance_option is None:
+        return None
+    return float(resolve_options(ref.name, ref.options)[entry.distance_option])
 
 
 def build_dataset(name: str, *, root: Path | str, download: bool = False, **options: Any) -> TransferDataset:

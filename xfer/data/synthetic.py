@@ -343,7 +343,8 @@ def _add(name: str, defaults: dict[str, Any], description: str) -> None:
     DATASETS.add(name, DatasetEntry(
         info=DatasetInfo(name=name, num_classes=defaults["num_classes"], metric="top1", val_rule="heldout",
                          offline=True, description=description),
-        options=dict(defaults), builder=build_synthetic, option_help=OPTION_HELP, cache=True))
+        options=dict(defaults), builder=build_synthetic, option_help=OPTION_HELP, cache=True,
+        distance_option="distance"))
 
 
 _add("synthetic", DEFAULTS, "procedural task at a chosen distance from the synthetic source")

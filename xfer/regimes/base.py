@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from xfer.contract import RunContext, TrialRecord
+from xfer.contract import FeatureVariant, RunContext, TrialRecord
 from xfer.hashing import stable_hash
 from xfer.options import OptionError, check_options, is_number
 from xfer.registry import Registry
@@ -37,6 +37,12 @@ class Axis:
     best configuration and final trial, and the report plots accuracy against it. A cell axis has a
     ``default``: what a sweep that does not name the axis runs, the value the main analysis reads, and
     a value trial keys leave out (so adding the axis re-keys no trial that existed before it).
+
+    A **named** axis (``names``, made by ``Axis.named``) is categorical, e.g. the probe's pooling: a sweep
+    file and ``xfer trial`` give names (``pool: [avg, max]``), a trial holds the name's index (so trial
+    hparams, the runs table and selection stay numeric, and a default index keys like any cell default),
+    and run names, MLflow params and the report show the name. Keeping the value numeric is why this is
+    an optional field rather than a second kind of axis: nothing downstream of parsing changes.
     """
 
     name: str
@@ -47,6 +53,14 @@ class Axis:
     fmt: str = ".3g"
     cell: bool = False
     default: float | None = None
+    names: tuple[str, ...] | None = None  # a categorical axis: value i is names[i]
+
+    @staticmethod
+    def named(name: str, help: str, names: tuple[str, ...], default: str, **kw: Any) -> "Axis":
+        """A categorical axis over ``names`` (stored as the index; see the class docstring)."""
+        return Axis(name, help, valid=lambda v: float(v).is_integer() and 0 <= v < len(names),
+                    rule=f"one of {', '.join(names)}", fmt="g", default=float(names.index(default)),
+                    names=tuple(names), **kw)
 
     def __post_init__(self) -> None:
         if self.prefer not in ("smaller", "larger"):
@@ -58,12 +72,34 @@ class Axis:
         return self.default is not None and is_number(value) and float(value) == self.default
 
     def check(self, value: Any, path: str) -> float:
+        """The value as the float a trial holds (a named axis: a name or its index → the index)."""
+        if self.names and isinstance(value, str) and value in self.names:
+            return float(self.names.index(value))
         if not is_number(value) or not self.valid(float(value)):
             raise OptionError(f"{path}: {self.name} must be {self.rule}, got {value!r}")
         return float(value)
 
+    def label(self, value: float) -> str:
+        """How a value prints: its name on a named axis, else the number in ``fmt``."""
+        if self.names and is_number(value) and self.valid(float(value)):
+            return self.names[int(value)]
+        return f"{value:{self.fmt}}"
+
+    def param(self, value: float) -> Any:
+        """The value as an MLflow param records it (a name, readable; ``parse`` reads it back)."""
+        return self.label(value) if self.names else value
+
+    def parse(self, raw: Any) -> float:
+        """A recorded param back to the trial's value (NaN when absent or unreadable)."""
+        if self.names and raw in self.names:
+            return float(self.names.index(raw))
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            return math.nan
+
     def format(self, value: float) -> str:
-        return f"{self.name}={value:{self.fmt}}"
+        return f"{self.name}={self.label(value)}"
 
     def rank(self, value: float) -> float:
         """Sort key where smaller is preferred (NaN last)."""
@@ -161,6 +197,11 @@ class Regime:
         """``lr=0.01 wd=1e-05`` (+ a cell axis when it is not at its default: ``schedule=2``)."""
         return " ".join(self.axis(k).format(v) for k, v in hparams.items()
                         if k in self.axis_names and not self.axis(k).is_default(v))
+
+    def feature_variant(self, trial: "TrialSpec") -> FeatureVariant:
+        """Which stored features a ``uses_features`` regime reads for ``trial`` (the sweep's features stage
+        fills them first): the protocol's own, unless the regime declares feature axes."""
+        return FeatureVariant()
 
     # -- behaviour --------------------------------------------------------------------------------
     def run(self, trial: "TrialSpec", ctx: RunContext) -> TrialRecord:

@@ -6,14 +6,36 @@ one-vs-rest) logistic regression by L-BFGS — the solver and the exact λ ↔ l
 ``xfer.logistic``. The grid has one axis, ``l2`` = λ (the paper and SimCLR/BYOL: 45 values log-spaced in
 [1e-6, 1e5]); grid trials fit on ``train`` and report ``val_<metric>``, the final stage fits on
 ``trainval`` and reports ``test_<metric>``.
+
+Three *cell* axes make Azizpour et al. 2014's factors of transferability (each value a cell of its own,
+never selected away; at their defaults a trial is, and keys as, one without them): ``layer`` — which
+features: 0 the penultimate pooled ones, k >= 1 timm feature stage k (``feature_info`` order); ``pool`` —
+global average, max, or both concatenated (``avgmax``); ``pca`` — the number of principal components of
+the training split's features the regression sees (0: all features). Layer and pooling change what is
+extracted, so the feature store keys each (``contract.FeatureVariant``); PCA is fitted here, on the
+training features only, and applied to the evaluated split (``logistic.PCA``).
 """
 from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING
 
-from xfer.contract import Diverged, RunContext, TrialRecord, splits_for
+from xfer.contract import POOLINGS, Diverged, FeatureVariant, RunContext, TrialRecord, splits_for
 from xfer.regimes.base import REGIMES, Axis, Option, Regime, positive
+
+
+def _whole(v: float) -> bool:
+    return v >= 0 and float(v).is_integer()
+
+
+LAYER = Axis("layer", "feature stage: 0 = the penultimate pooled features; k >= 1 = timm feature stage k "
+             "(feature_info order)", valid=_whole, rule="an integer >= 0 (0: penultimate; k: timm feature stage k)",
+             prefer="larger", fmt="g", cell=True, default=0.0)
+POOL = Axis.named("pool", "global pooling of the feature map: avg, max, or avgmax (both, concatenated)",
+                  POOLINGS, default="avg", prefer="smaller", cell=True)
+PCA_AXIS = Axis("pca", "principal components of the training features the regression sees (0: no PCA)",
+                valid=_whole, rule="an integer >= 0 (components; 0: no PCA)", prefer="larger", fmt="g", cell=True,
+                default=0.0)
 
 if TYPE_CHECKING:
     from xfer.trial import TrialSpec
@@ -27,7 +49,8 @@ class LinearProbe(Regime):
     name = "linear_probe"
     label = "Logistic regression (frozen features)"
     axes = (Axis("l2", "L2 penalty λ: mean loss + λ/2 ‖W‖² (sklearn's C = 1/(λ n))", valid=positive, rule="> 0",
-                 prefer="larger"),)  # ties go to the stronger penalty, the simpler model
+                 prefer="larger"),  # ties go to the stronger penalty, the simpler model
+            LAYER, POOL, PCA_AXIS)
     options = (
         Option("max_iter", 1000, "L-BFGS iterations", minimum=1),
         Option("tol", 1e-6, "stop when every gradient component of the (mean) objective is below this"),
@@ -37,6 +60,10 @@ class LinearProbe(Regime):
     uses_features = True
     new_head = False  # a logistic regression on features, no network head
     path_axis = "l2"  # a sweep solves a cell's λ grid as one warm-started path (xfer.lambda_path)
+
+    def feature_variant(self, trial: "TrialSpec") -> FeatureVariant:
+        hp = self.check_hparams(trial.hparams, f"regime {self.name}")
+        return FeatureVariant(layer=int(hp["layer"]), pool=POOL.label(hp["pool"]))
 
     def run(self, trial: "TrialSpec", ctx: RunContext) -> TrialRecord:
         return self._fit([trial], ctx, path=False)[0]
@@ -49,7 +76,7 @@ class LinearProbe(Regime):
     def _fit(self, trials: "list[TrialSpec]", ctx: RunContext, path: bool) -> list[TrialRecord]:
         from xfer import features
         from xfer.lambda_path import fit_logistic_path
-        from xfer.logistic import LinearProbeError, Standardizer, fit_logistic
+        from xfer.logistic import PCA, LinearProbeError, Standardizer, fit_logistic
         from xfer.metrics import compute_metric
 
         trial = trials[0]
@@ -57,15 +84,25 @@ class LinearProbe(Regime):
         if not opts["tol"] > 0:
             raise LinearProbeError(f"linear_probe option tol: expected a number > 0, got {opts['tol']!r}")
         l2s = [self.check_hparams(t.hparams, f"regime {self.name}")["l2"] for t in trials]
+        hp = self.check_hparams(trial.hparams, f"regime {self.name}")
+        variant, n_pca = self.feature_variant(trial), int(hp["pca"])
+        cell = self.describe({k: v for k, v in hp.items() if k != self.path_axis})  # "layer=2 pool=max", or ""
+        cell = f" {cell}" if cell else ""
         if any(self.path_group(t) != self.path_group(trial) for t in trials):
             raise LinearProbeError("a λ path takes trials that differ only in l2")
         splits = splits_for(trial.stage)
         sets = features.get_feature_sets(trial.model, trial.dataset, [splits.train, splits.eval], ctx,
-                                         batch_size=opts["batch_size"])  # one backbone build on a miss
+                                         batch_size=opts["batch_size"], variant=variant)  # one build on a miss
         train, held = sets[splits.train], sets[splits.eval]
         fingerprints = {"data": str(train.meta.get("dataset_fingerprint", "")),
                         "weights": str(train.meta.get("backbone_fingerprint", "")), "features": train.key}
         x_train, x_eval = train.features, held.features
+        extra: dict[str, float] = {}
+        if n_pca:  # fitted on the training split alone; the evaluated split is only projected
+            pca = PCA.fit(x_train, n_pca)
+            x_train, x_eval = pca(x_train), pca(x_eval)
+            extra = {"pca_components": float(pca.components.shape[1]),
+                     "pca_explained": float(pca.explained.sum())}
         if opts["standardize"]:
             st = Standardizer.fit(x_train)
             x_train, x_eval = st(x_train), st(x_eval)
@@ -84,13 +121,14 @@ class LinearProbe(Regime):
             value = compute_metric(train.metric, scores, targets)
             if not path:
                 ctx.report(fit.n_iter, {"train_loss": fit.objective})
-            log.info("linear_probe %s/%s λ=%g: %s_%s=%.4f (train loss %.4g, %d L-BFGS iterations%s)",
-                     trial.model.name, trial.dataset.display, l2, splits.prefix, train.metric, value, fit.objective,
-                     fit.n_iter, "" if fit.converged else f", {fit.status}: not converged")
+            log.info("linear_probe %s/%s%s λ=%g: %s_%s=%.4f (train loss %.4g, %d L-BFGS iterations%s)",
+                     trial.model.name, trial.dataset.display, cell, l2, splits.prefix, train.metric, value,
+                     fit.objective, fit.n_iter, "" if fit.converged else f", {fit.status}: not converged")
             # solver_converged (1/0) tags the run, so selection and the report can count stalled fits
             out.append(TrialRecord(status="finished", metric=train.metric, steps_done=fit.n_iter,
                                    metrics={f"{splits.prefix}_{train.metric}": value, "train_loss": fit.objective,
-                                            "solver_converged": float(fit.converged)}, message=fit.note(opts["tol"]),
+                                            "solver_converged": float(fit.converged), **extra},
+                                   message=fit.note(opts["tol"]),
                                    scores=scores, targets=targets, fingerprints=dict(fingerprints)))
         return out
 

@@ -73,7 +73,9 @@ def _fmt(v: Any) -> str:
 def trial_params(trial: "TrialSpec") -> dict[str, str]:
     """Flat MLflow params of a trial: grid axes and regime options by their own names, then
     seed/stage/regime, the model's fields, the dataset and its options, the pretrain block."""
-    out: dict[str, Any] = dict(trial.hparams)
+    regime = REGIMES.get(trial.regime) if trial.regime in REGIMES else None
+    out: dict[str, Any] = {k: regime.axis(k).param(v) if regime and k in regime.axis_names else v
+                           for k, v in trial.hparams.items()}  # a named axis (pooling) by its name
     for k, v in trial.options.items():
         out[k if k not in out else f"option.{k}"] = v
     out.update({"seed": trial.seed, "stage": trial.stage, "regime": trial.regime})
@@ -192,6 +194,13 @@ def _to_float(v: Any) -> float:
         return math.nan
 
 
+def _axis_value(regime: str | None, axis: str, raw: Any) -> float:
+    """A recorded grid-axis param as the runs table's number (a named axis's name → its index)."""
+    if regime in REGIMES and axis in REGIMES.get(regime).axis_names:
+        return REGIMES.get(regime).axis(axis).parse(raw)
+    return _to_float(raw)
+
+
 def _metric_name(run: "Run") -> str:
     """The dataset's metric: the tag the final result set, else the val_/test_ metric the run has."""
     name = run.data.tags.get(TAG_METRIC)
@@ -221,7 +230,7 @@ def rows(run: "Run") -> list[dict[str, Any]]:
         "solver_converged": _to_float(metrics.get("solver_converged")),  # 1/0 from an iterative fit, else NaN
         "seed": None if seed is None else int(float(seed)), "seconds": _to_float(metrics.get("trial_seconds")),
         "start_time": pd.Timestamp(run.info.start_time, unit="ms", tz="UTC") if run.info.start_time else pd.NaT,
-        **{a: _to_float(params.get(a)) for a in all_axis_names()},
+        **{a: _axis_value(tags.get("xfer.regime"), a, params.get(a)) for a in all_axis_names()},
     }
     shared = tags.get(TAG_MODELS)
     if not shared:
