@@ -18,7 +18,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("training", ("xfer.engine", "xfer.logistic", "xfer.lambda_path", "xfer.features", "xfer.estimators")),
     ("regimes", ("xfer.regimes",)),
     ("study", ("xfer.spec", "xfer.select", "xfer.stats", "xfer.report", "xfer.report_curves",
-               "xfer.report_estimators", "xfer.report_regularizers", "xfer.tracking", "xfer.progress", "xfer.k8s")),
+               "xfer.report_estimators", "xfer.report_regularizers", "xfer.tracking", "xfer.progress", "xfer.k8s",
+               "xfer.cost")),
     ("orchestration", ("xfer.sweep", "xfer.final", "xfer.estimate", "xfer.distributed")),
     ("interface", ("xfer.cli",)),
 ]
