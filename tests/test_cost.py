@@ -138,3 +138,26 @@ def test_single_gpu_study_plans_to_its_header():
     assert set(totals) == {"GPU-hours"}  # every regime asks for a GPU
     assert f"{totals['GPU-hours']:.3g}" == f"{hours:.3g}"
     assert 8 <= hours <= 12  # overnight
+
+
+def test_a_gpu_calibration_is_read_on_a_machine_without_one(tmp_path):
+    """A plan made on a laptop or a head node uses the figures calibrated on the cluster's GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine's own GPU decides")
+    raw = yaml.safe_load(_tiny_spec_file(tmp_path).read_text())
+    raw["regimes"].pop("linear_probe")
+    raw["resources"] = {"finetune": {"cpu": 4, "gpu": 1}}
+    spec = parse_spec(raw)
+    layout = StorageLayout(Path(spec.storage), Path(spec.data_root))
+    cache = cost.CalibrationCache(layout)
+    gpu = cost.Device("NVIDIA H200", "bf16-autocast")
+    net = cost.work_rows(spec, lambda ref: cost.Sizes(4, 32, 8, 40, 20, "test"), lambda m: 1)[0].net
+    for what, batch in (("train", net.train_batch), ("forward", net.forward_batch)):
+        cache.put(cost.calibration_key(net, gpu, batch, what), {"images_per_s": 1000.0, "build_s": 1.0})
+    plan = cost.plan_cost(spec, layout=layout, device_profile="h200")
+    assert {r.throughput.source for r in plan.rows} == {"calibrated on NVIDIA H200"}
+    assert set(plan.totals()) == {"GPU-hours"}
+    grid = next(r for r in plan.rows if r.work.stage == "grid")
+    assert grid.seconds == pytest.approx(3 * 8 / 1000 + 8 / 1000 + cost.TASK_OVERHEAD_S + 1.0)

@@ -181,11 +181,10 @@ class _Rows:
         self.spec = spec
         self.rows: dict[tuple[str, str, str], WorkRow] = {}
 
-    def get(self, stage: str, model: ModelSpec, regime: str, net: Net, shared: Sequence[str] = (),
-            resources_of: str | None = None) -> WorkRow:
+    def get(self, stage: str, model: ModelSpec, regime: str, net: Net, shared: Sequence[str] = ()) -> WorkRow:
         key = (stage, model.name, regime)
         if key not in self.rows:
-            res = self.spec.resources_for(resources_of or regime, model.name)
+            res = self.spec.resources_for(regime, model.name)  # "estimate" is no regime: one CPU
             gpu = res.get("gpu", 0.0) > 0
             self.rows[key] = WorkRow(stage, model.name, regime, net, kind="gpu" if gpu else "cpu",
                                      amount=res["gpu"] if gpu else res["cpu"], workers=int(res.get("workers", 1)),
@@ -239,8 +238,8 @@ def work_rows(spec: Any, sizes: Callable[[DatasetRef], Sizes], dims: Callable[[M
             for d in spec.datasets:
                 s, dim = sizes(d), dims(m)
                 flops = len(spec.estimators) * 2.0 * s.trainval * dim * (dim + s.classes)
-                rows.get("estimate", m, "estimate", Net(m.arch, m.input_size, 1, 256),
-                         resources_of="linear_probe").add(1, solve=flops)
+                # in the driver process, on its CPU (numpy on cached features)
+                rows.get("estimate", m, "estimate", Net(m.arch, m.input_size, 1, 256)).add(1, solve=flops)
     searched = spec.search.get("type") == "optuna"
     for r in spec.regimes:
         regime = REGIMES.get(r.name)
@@ -310,10 +309,18 @@ def _device_name(device: str) -> str:
     return f"{name} (1 thread)"
 
 
-def _precision(device: str) -> str:
-    from xfer.features import precision_for
+@dataclass(frozen=True)
+class Device:
+    """What a calibration is keyed by besides the network: the device's name and the trial's precision."""
 
-    return precision_for(device)
+    name: str
+    precision: str
+
+    @staticmethod
+    def here(device: str) -> "Device":
+        from xfer.features import precision_for  # the trials' own policy: bf16 autocast on CUDA, else float32
+
+        return Device(_device_name(device), precision_for(device))
 
 
 def _build(net: Net, num_classes: int, device: str = "meta") -> Any:
@@ -355,12 +362,12 @@ def flop_throughput(net: Net, prof: DeviceProfile, name: str) -> Throughput:
                       f"FLOP model: {name}, {prof.utilisation:.0%} of peak")
 
 
-def calibration_key(net: Net, device: str, batch: int, what: str) -> dict[str, Any]:
+def calibration_key(net: Net, on: Device, batch: int, what: str) -> dict[str, Any]:
     import torch
 
     return {"what": what, "arch": net.arch, "input_size": forward_flops(net.arch, net.input_size)[1],
-            "batch": batch, "device": _device_name(device), "precision": _precision(device),
-            "torch": torch.__version__, "version": CALIBRATION_VERSION}
+            "batch": batch, "device": on.name, "precision": on.precision, "torch": torch.__version__,
+            "version": CALIBRATION_VERSION}
 
 
 class CalibrationCache:
@@ -378,6 +385,18 @@ class CalibrationCache:
         except (OSError, ValueError):
             return None
         return entry if entry.get("key") == dict(key) else None
+
+    def devices(self, precision: str) -> set[str]:
+        """Names of the devices with entries at ``precision``."""
+        out = set()
+        for p in self.folder.glob("*.json"):
+            try:
+                key = json.loads(p.read_text())["key"]
+            except (OSError, ValueError, KeyError):
+                continue
+            if key.get("precision") == precision:
+                out.add(key.get("device"))
+        return out
 
     def put(self, key: Mapping[str, Any], value: Mapping[str, Any]) -> Path:
         from xfer.io import write_text
@@ -497,45 +516,41 @@ class CostPlan:
                 "capacity": self.capacity, "assumptions": self.assumptions}
 
 
-def _local_device(kind: str) -> str | None:
+def _plan_device(kind: str, cache: CalibrationCache) -> Device | None:
+    """Whose calibration a plan reads: this machine's CPU; this machine's GPU, or — on a machine without
+    one (a laptop, a cluster's head node) — the one GPU the cache has figures for."""
     import torch
 
-    if kind == "gpu":
-        return "cuda" if torch.cuda.is_available() else None
-    return "cpu"
+    if kind == "cpu":
+        return Device.here("cpu")
+    if torch.cuda.is_available():
+        return Device.here("cuda")
+    from xfer.features import precision_for
+
+    precision = precision_for("cuda")
+    names = cache.devices(precision)
+    return Device(names.pop(), precision) if len(names) == 1 else None
 
 
-def _cached_throughput(cache: CalibrationCache, w: WorkRow, device: str) -> Throughput | None:
-    """The calibrated speeds of what row ``w`` does (training, forward passes, solves) on ``device``, or
-    None when the cache lacks any of them (then the whole row uses the FLOP model)."""
-    need = {"train": (w.train_images, calibration_key, w.net.train_batch),
-            "forward": (w.forward_images, calibration_key, w.net.forward_batch)}
-    found: dict[str, dict[str, Any]] = {}
-    for what, (amount, keyer, batch) in need.items():
-        if amount:
-            entry = cache.get(keyer(w.net, device, batch, what))
-            if entry is None:
-                return None
-            found[what] = entry
-    if w.solve_flops:
-        entry = cache.get(_solve_key(device))
-        if entry is None:
-            return None
-        found["solve"] = entry
-    if not found:
+def _cached_throughput(cache: CalibrationCache, w: WorkRow, on: Device) -> Throughput | None:
+    """The calibrated speeds of what row ``w`` does (training, forward passes, solves) on ``on``, or None
+    when the cache lacks any of them (then the whole row uses the FLOP model)."""
+    need = {"train": (w.train_images, lambda: calibration_key(w.net, on, w.net.train_batch, "train")),
+            "forward": (w.forward_images, lambda: calibration_key(w.net, on, w.net.forward_batch, "forward")),
+            "solve": (w.solve_flops, lambda: _solve_key(on))}
+    found = {what: cache.get(key()) for what, (amount, key) in need.items() if amount}
+    if not found or any(e is None for e in found.values()):
         return None
-    inf = math.inf
-    return Throughput(found.get("train", {}).get("images_per_s", inf), found.get("forward", {}).get("images_per_s", inf),
-                      found.get("solve", {}).get("flops_per_s", inf),
-                      max((e.get("build_s", 0.0) for e in found.values()), default=0.0),
-                      f"calibrated on {next(iter(found.values()))['key']['device']}")
+    speed = lambda what, field: found[what][field] if what in found else math.inf  # noqa: E731 - inf: work of that kind is 0
+    return Throughput(speed("train", "images_per_s"), speed("forward", "images_per_s"), speed("solve", "flops_per_s"),
+                      max(e.get("build_s", 0.0) for e in found.values()), f"calibrated on {on.name}")
 
 
-def _solve_key(device: str) -> dict[str, Any]:
+def _solve_key(on: Device) -> dict[str, Any]:
     import torch
 
-    return {"what": "solve", "shape": list(SOLVE_SHAPE), "device": _device_name(device),
-            "precision": "float32", "torch": torch.__version__, "version": CALIBRATION_VERSION}
+    return {"what": "solve", "shape": list(SOLVE_SHAPE), "device": on.name, "precision": "float32",
+            "torch": torch.__version__, "version": CALIBRATION_VERSION}
 
 
 def _speed(rows: Iterable[CostRow], capacity: float, max_concurrent: int | None) -> float:
@@ -574,10 +589,12 @@ def plan_cost(spec: Any, *, layout: StorageLayout | None = None, device_profile:
 
     work = work_rows(spec, sized, lambda m: forward_flops(m.arch, m.input_size)[2])
     cache = CalibrationCache(layout)
+    devices: dict[str, Device | None] = {}
     rows = []
     for w in work:
         prof, name = (gpu_prof, device_profile) if w.kind == "gpu" else (cpu_prof, "cpu")
-        device = _local_device(w.kind) if use_cache and prof.kind == w.kind else None
+        device = devices.setdefault(w.kind, _plan_device(w.kind, cache)) if use_cache and prof.kind == w.kind \
+            else None
         tp = (_cached_throughput(cache, w, device) if device else None) or flop_throughput(w.net, prof, name)
         seconds = (w.train_images / tp.train_ips + w.forward_images / tp.forward_ips
                    + w.solve_flops / tp.solve_flops_s + w.tasks * (TASK_OVERHEAD_S + tp.build_s))
@@ -619,6 +636,7 @@ def calibrate(spec: Any, device: str, *, layout: StorageLayout | None = None,
         raise CostError(f"--device {device}: no regime of this sweep runs on a {kind.upper()} (its resources ask "
                         f"for the other kind); calibrate with --device {other} on a machine that has one")
     written = []
+    on = Device.here(device)
     before = torch.get_num_threads()
     if kind == "cpu":
         torch.set_num_threads(1)  # as a CPU trial runs (RunContext.threads)
@@ -628,15 +646,15 @@ def calibrate(spec: Any, device: str, *, layout: StorageLayout | None = None,
                       key=str)
         for arch, size, batch, train in jobs:
             net = Net(arch, size, batch, batch)
-            key = calibration_key(net, device, batch, "train" if train else "forward")
+            key = calibration_key(net, on, batch, "train" if train else "forward")
             if cache.get(key) is None:
                 m = measure(net, device, train)
                 written.append(cache.put(key, m))
                 log(f"calibrated {arch} @{key['input_size']}px batch {batch} {'train' if train else 'forward'}: "
                     f"{m['images_per_s']:.1f} img/s on {key['device']}")
-        if any(w.solve_flops for w in rows) and cache.get(_solve_key(device)) is None:
+        if any(w.solve_flops for w in rows) and cache.get(_solve_key(on)) is None:
             flops = measure_solver(device)
-            written.append(cache.put(_solve_key(device), {"flops_per_s": flops}))
+            written.append(cache.put(_solve_key(on), {"flops_per_s": flops}))
             log(f"calibrated the solver's float32 matmul: {flops / 1e9:.1f} GFLOP/s")
     finally:
         torch.set_num_threads(before)
