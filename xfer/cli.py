@@ -168,7 +168,8 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("spec")
     p.add_argument("--json", action="store_true", help="machine output: the counts, and the cost under 'cost'")
-    p.add_argument("--counts-only", action="store_true", help="trial counts only: no cost estimate (imports no timm, counts no FLOPs)")
+    p.add_argument("--counts-only", action="store_true",
+                   help="trial counts only: no cost estimate (imports no timm, counts no FLOPs)")
     p.add_argument("--calibrate", action="store_true",
                    help="first time each network's training and forward steps on --device and cache the speeds "
                         "under <storage>/calibration (a plan without this flag reads the cache, never times)")
@@ -185,6 +186,8 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
 def cmd_plan(args: argparse.Namespace) -> int:
     from xfer.spec import load_spec, plan
 
+    if args.device and not args.calibrate:
+        raise UsageError("--device says what --calibrate times on; a plan reads the calibration cache (add --calibrate)")
     spec = load_spec(args.spec)
     p = plan(spec)
     cost = None
@@ -217,10 +220,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         for cell, n in p["by_model_dataset"].items():
             print(f"    {cell}: {n}")
     if cost is not None:
-        from xfer.cost import format_plan
-
         print("cost (device-hours per stage and model; hours = GPU-hours or CPU-core-hours as the row says):")
-        print("\n".join(format_plan(cost)))
+        print("\n".join(cost_model.format_plan(cost)))
     return 0
 
 
