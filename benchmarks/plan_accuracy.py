@@ -8,7 +8,8 @@
 3. runs it for real (``xfer.sweep.run_sweep``: local Ray on this machine's cores, SQLite MLflow, all under a
    temporary folder) and takes each stage's wall time (the sweep's ``StageOutcome`` seconds; the features
    stage, which has none, timed around ``run_features``);
-4. prints planned and measured wall time per stage and their ratio, with the load average.
+4. prints planned and measured wall time per stage and their ratio, then the planned trial time against
+   the trials' own (each MLflow run's ``seconds``, summed per stage), with the load average.
 
 The report stage (tables and figures) is not planned; it is in the measured total only.
 """
@@ -107,6 +108,17 @@ def main() -> int:
     p, f = sum(calibrated.wall_s.values()), sum(flop_model.wall_s.values())
     print(f"{'sweep':<9} {p:>20.1f}s {f:>20.1f}s {total:>8.1f}s {total / p:>22.2f} {total / f:>16.2f}"
           "   (measured: the whole run_sweep, with Ray start-up and the report)")
+    # the trials' own time (each MLflow run's seconds: the trial process, without Ray's and MLflow's share)
+    from xfer import tracking
+
+    runs = tracking.load_runs(result.tracking_uri, spec.name)
+    print(f"\n{'stage':<9} {'planned trial-seconds':>22} {'measured (MLflow)':>18} {'ratio':>6}   (summed over trials)")
+    for stage in ("pretrain", "grid", "final"):
+        planned = sum(r.seconds for r in calibrated.rows if r.work.stage == stage)
+        mine = runs[runs["stage"] == stage].drop_duplicates("trial_key")  # a shared trial: one row per model
+        got = float(mine["seconds"].sum()) if len(mine) else float("nan")
+        if planned:
+            print(f"{stage:<9} {planned:>21.1f}s {got:>17.1f}s {got / planned:>6.2f}")
     hours = calibrated.totals()
     print(f"planned device-hours (calibrated): " + ", ".join(f"{h:.4f} {u}" for u, h in hours.items()))
     print(f"trials failed: {failed}; load average at end: {loadavg()}")

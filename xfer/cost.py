@@ -408,16 +408,19 @@ class CalibrationCache:
 
 def _timed(step: Callable[[], None], sync: Callable[[], None], warmup: int = 2, min_s: float = 0.5,
            max_steps: int = 20) -> float:
-    """Seconds per call of ``step`` after ``warmup`` calls: at least 3 timed calls, more until ``min_s``."""
+    """Seconds per call of ``step`` after ``warmup`` calls: the median of at least 5 timed calls (more until
+    ``min_s`` has passed), so a burst of other work on a shared machine does not become the figure."""
     for _ in range(warmup):
         step()
     sync()
-    n, t0 = 0, time.perf_counter()
-    while n < 3 or (time.perf_counter() - t0 < min_s and n < max_steps):
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 5 or (time.perf_counter() - start < min_s and len(times) < max_steps):
+        t0 = time.perf_counter()
         step()
-        n += 1
-    sync()
-    return (time.perf_counter() - t0) / n
+        sync()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
 
 
 def measure(net: Net, device: str, train: bool) -> dict[str, float]:
