@@ -98,6 +98,11 @@ def main() -> int:
     measured.update({s.stage: s.seconds for s in result.stages})
     failed = sum(s.statuses.get("failed", 0) for s in result.stages)
 
+    lines = out.getvalue().splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("plan")), None)
+    if start is not None:  # what `xfer sweep` printed before it started (from the cache, never calibrating)
+        end = next(i for i in range(start, len(lines)) if lines[i].startswith(("  throughput", "plan: no")))
+        print("\n".join(["", "xfer sweep printed:", *lines[start:end + 1]]))
     print(f"\n{'stage':<9} {'planned (calibrated)':>21} {'planned (FLOP model)':>21} {'measured':>9} "
           f"{'measured / calibrated':>22} {'measured / FLOP':>16}")
     for stage in cost.STAGES:
