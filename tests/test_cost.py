@@ -161,3 +161,24 @@ def test_a_gpu_calibration_is_read_on_a_machine_without_one(tmp_path):
     assert set(plan.totals()) == {"GPU-hours"}
     grid = next(r for r in plan.rows if r.work.stage == "grid")
     assert grid.seconds == pytest.approx(3 * 8 / 1000 + 8 / 1000 + cost.TASK_OVERHEAD_S + 1.0)
+
+
+def test_sweep_prints_the_plan_from_the_cache_before_it_starts(tmp_path):
+    import io
+
+    from xfer import sweep
+
+    spec = load_spec(_tiny_spec_file(tmp_path))
+    layout = StorageLayout(Path(spec.storage), Path(spec.data_root))
+    out = io.StringIO()
+    sweep._print_cost(spec, layout, out, {"CPU": 2.0})
+    text = out.getvalue()
+    assert text.startswith("plan (device-hours") and "CPU-core-hours" in text and "FLOP model: cpu" in text
+    assert len(text.splitlines()) <= 8  # one short block
+    assert not layout.calibration_dir.exists()  # never calibrates
+    bad = tmp_path / "bad"  # a dataset it cannot size is a note, not a failed sweep
+    raw = yaml.safe_load(_tiny_spec_file(tmp_path).read_text())
+    raw["datasets"] = [{"name": "imagefolder", "path": str(bad)}]
+    out = io.StringIO()
+    sweep._print_cost(parse_spec(raw), layout, out, {"CPU": 2.0})
+    assert out.getvalue().startswith("plan: no cost estimate (CostError")

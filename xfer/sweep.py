@@ -473,7 +473,9 @@ def run_sweep(spec: SweepSpec, *, tracking_uri: str | None = None, address: str 
     paths = StorageLayout(Path(storage or spec.storage), Path(data_root or spec.data_root))
     paths.preflight(spec.min_free_space if min_free is None else min_free)
     where = connect_ray(address)
-    _print_cost(spec, paths, out)
+    import ray
+
+    _print_cost(spec, paths, out, ray.cluster_resources())
     tracker = SweepTracker(uri, spec.name, journal_dir=paths.journal_dir(spec.name))
     from xfer.spec import plan
 
@@ -543,17 +545,14 @@ def run_sweep(spec: SweepSpec, *, tracking_uri: str | None = None, address: str 
         _print_summary(spec, uri, stages, out)
 
 
-def _print_cost(spec: SweepSpec, paths: StorageLayout, out: IO[str]) -> None:
+def _print_cost(spec: SweepSpec, paths: StorageLayout, out: IO[str], cluster: Mapping[str, float]) -> None:
     """The plan's cost, one short block before anything runs: calibrated speeds where ``xfer plan --calibrate``
-    cached them, else the FLOP model — never a calibration here. Wall time is on the Ray cluster's GPUs and
-    CPUs. A plan that cannot be made (a dataset it cannot size) is a note, not a failed sweep."""
-    import ray
-
+    cached them, else the FLOP model — never a calibration here. Wall time is on the ``cluster``'s GPUs and
+    CPUs (Ray's resources). A plan that cannot be made (a dataset it cannot size) is a note, not a failed sweep."""
     from xfer.cost import format_plan, plan_cost
 
     try:
-        res = ray.cluster_resources()
-        cost = plan_cost(spec, layout=paths, gpus=res.get("GPU", 0) or 1, cpus=res.get("CPU"))
+        cost = plan_cost(spec, layout=paths, gpus=cluster.get("GPU", 0) or 1, cpus=cluster.get("CPU"))
     except Exception as e:  # noqa: BLE001 - an estimate that cannot be made must not stop the sweep
         print(f"plan: no cost estimate ({type(e).__name__}: {e})", file=out, flush=True)
         return
