@@ -669,6 +669,13 @@ def _hours(h: float) -> str:
     return f"{h:.3g}" if h < 10 else f"{h:,.1f}"
 
 
+def _duration(seconds: float) -> str:
+    """A wall time as people read one: seconds, minutes or hours."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 def format_plan(plan: CostPlan, brief: bool = False) -> list[str]:
     """The table per stage and model (or, ``brief``, one line per stage), totals and wall time."""
     lines = []
@@ -683,10 +690,12 @@ def format_plan(plan: CostPlan, brief: bool = False) -> list[str]:
                          f"{r.unit} / {r.throughput.source}{share}")
     for stage, by_unit in plan.by_stage().items():
         hours = ", ".join(f"{_hours(h)} {u}" for u, h in by_unit.items())
-        lines.append(f"  {stage:<9} {hours}; wall {_hours(plan.wall_s.get(stage, 0) / 3600)} h")
-    total = ", ".join(f"{_hours(h)} {u}" for u, h in plan.totals().items())
-    lines.append(f"  {'total':<9} {total}; wall {_hours(sum(plan.wall_s.values()) / 3600)} h "
-                 f"on {plan.capacity['gpu']:g} GPU(s) / {plan.capacity['cpu']:g} core(s)")
+        lines.append(f"  {stage:<9} {hours}; wall {_duration(plan.wall_s.get(stage, 0))}")
+    totals = plan.totals()
+    on = [f"{plan.capacity[k]:g} {name}" for k, name, unit in (("gpu", "GPU(s)", "GPU-hours"),
+                                                               ("cpu", "CPU core(s)", "CPU-core-hours")) if unit in totals]
+    lines.append(f"  {'total':<9} {', '.join(f'{_hours(h)} {u}' for u, h in totals.items())}; "
+                 f"wall {_duration(sum(plan.wall_s.values()))} on {' + '.join(on)}")
     sources = sorted({r.throughput.source for r in plan.rows})
     lines.append("  throughput: " + "; ".join(sources))
     if not brief:
