@@ -1,5 +1,5 @@
 """What each command imports, in a fresh interpreter (the point of these calls): `xfer --help` and a
-structural spec error need neither torch nor Ray, `xfer plan` no Ray or timm, `xfer report --from-csv`
+structural spec error need neither torch nor Ray, `xfer plan` no Ray (nor timm with --counts-only), `xfer report --from-csv`
 no Ray. Start-up *times* are measured in benchmarks/cli_startup.py, not asserted here."""
 from __future__ import annotations
 
@@ -39,9 +39,15 @@ def test_a_structural_spec_error_imports_nothing_heavy(tmp_path):
     assert code == 2 and mods == set()
 
 
-def test_plan_needs_no_ray_timm_or_mlflow(tmp_path):
-    code, mods = loaded(["plan", str(REPO / "sweeps" / "kornblith2019-public.yaml")], tmp_path)
+def test_plan_counts_need_no_ray_timm_or_mlflow(tmp_path):
+    # (the cost estimate counts FLOPs on timm networks; trial counts alone stay cheap)
+    code, mods = loaded(["plan", str(REPO / "sweeps" / "kornblith2019-public.yaml"), "--counts-only"], tmp_path)
     assert code == 0 and not mods & {"ray", "timm", "mlflow"}, mods
+
+
+def test_plan_with_its_cost_needs_no_ray_or_mlflow(tmp_path):
+    code, mods = loaded(["plan", str(REPO / "sweeps" / "single-gpu.yaml")], tmp_path)
+    assert code == 0 and not mods & {"ray", "mlflow"}, mods
 
 
 def test_report_from_csv_imports_no_ray(tmp_path):

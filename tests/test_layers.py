@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("regimes", ("xfer.regimes",)),
     ("study", ("xfer.spec", "xfer.select", "xfer.stats", "xfer.report", "xfer.report_curves",
                "xfer.report_estimators", "xfer.report_regularizers", "xfer.report_asha", "xfer.report_factors",
-               "xfer.tracking", "xfer.progress", "xfer.k8s")),
+               "xfer.tracking", "xfer.progress", "xfer.k8s", "xfer.cost")),
     ("orchestration", ("xfer.sweep", "xfer.asha", "xfer.final", "xfer.estimate", "xfer.distributed")),
     ("interface", ("xfer.cli",)),
 ]

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import pytest
 import yaml
 
-from xfer.spec import parse_spec
+from xfer.spec import load_spec
 
 pytestmark = pytest.mark.integration
 
@@ -81,7 +81,9 @@ def test_offline_study_file_runs_and_reports_its_section(name, tmp_path, ray_loc
     if edit is not None:
         edit(raw)
     raw["storage"], raw["data_root"] = str(tmp_path / "store"), str(tmp_path / "data")
-    spec = parse_spec(raw, path=name)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    spec = load_spec(path)
     out = io.StringIO()
     result = run_sweep(spec, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", report_dir=str(tmp_path / "report"),
                        quiet=True, stream=out)

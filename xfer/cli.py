@@ -21,7 +21,8 @@ class UsageError(Exception):
 # the user-facing error types (module, class): printed as one `error: …` line, exit 2
 USER_ERRORS = (("xfer.spec", "SpecError"), ("xfer.options", "OptionError"), ("xfer.layout", "LayoutError"),
                ("xfer.registry", "UnknownNameError"), ("xfer.tracking.uri", "TrackingError"),
-               ("xfer.report", "ResultsTableError"), ("xfer.select", "SelectionError"), ("xfer.io", "StorageError"))
+               ("xfer.report", "ResultsTableError"), ("xfer.select", "SelectionError"), ("xfer.io", "StorageError"),
+               ("xfer.cost", "CostError"))
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -170,12 +171,49 @@ def cmd_trial(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------ xfer plan / datasets / models
+def _add_plan(p: argparse.ArgumentParser) -> None:
+    from xfer.cost import DEFAULT_GPU_PROFILE, DEVICE_PROFILES
+
+    p.add_argument("spec")
+    p.add_argument("--json", action="store_true", help="machine output: the counts, and the cost under 'cost'")
+    p.add_argument("--counts-only", action="store_true",
+                   help="trial counts only: no cost estimate (imports no timm, counts no FLOPs)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="first time each network's training and forward steps on --device and cache the speeds "
+                        "under <storage>/calibration (a plan without this flag reads the cache, never times)")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                   help="with --calibrate: what to time on (default: cuda when there is one, else cpu)")
+    p.add_argument("--device-profile", default=DEFAULT_GPU_PROFILE, metavar="NAME",
+                   help=f"the GPU the FLOP model assumes where nothing is calibrated: {' | '.join(DEVICE_PROFILES.names())} "
+                        f"(default {DEFAULT_GPU_PROFILE}; regimes without a GPU use 'cpu')")
+    p.add_argument("--gpus", type=float, default=1, help="GPUs for the wall-time figure (default 1)")
+    p.add_argument("--cpus", type=float, help="CPU cores for the wall-time figure (default: this machine's)")
+    p.add_argument("--storage", help="override the spec's storage (where the calibration cache lives)")
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from xfer.spec import load_spec, plan
 
-    p = plan(load_spec(args.spec))
+    if args.device and not args.calibrate:
+        raise UsageError("--device says what --calibrate times on; a plan reads the calibration cache (add --calibrate)")
+    spec = load_spec(args.spec)
+    p = plan(spec)
+    cost = None
+    if not args.counts_only:
+        from xfer import cost as cost_model
+        from xfer.layout import StorageLayout
+
+        cost_model.profile(args.device_profile)  # an unknown name fails before any work
+        layout = StorageLayout(Path(args.storage or spec.storage), Path(spec.data_root))
+        if args.calibrate:
+            import torch
+
+            device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            cost_model.calibrate(spec, device, layout=layout, log=lambda m: print(m, file=sys.stderr, flush=True))
+        cost = cost_model.plan_cost(spec, layout=layout, device_profile=args.device_profile, gpus=args.gpus,
+                                    cpus=args.cpus)
     if args.json:
-        print(json.dumps(p, indent=2))
+        print(json.dumps({**p, **({"cost": cost.to_json()} if cost else {})}, indent=2))
         return 0
     print(f"sweep {p['sweep']}: {p['models']} models × {p['datasets']} datasets × {p['seeds']} seed(s)")
     for r, n in p["by_regime"].items():
@@ -189,6 +227,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.verbose:
         for cell, n in p["by_model_dataset"].items():
             print(f"    {cell}: {n}")
+    if cost is not None:
+        print("cost (device-hours per stage and model; hours = GPU-hours or CPU-core-hours as the row says):")
+        print("\n".join(cost_model.format_plan(cost)))
     return 0
 
 
@@ -295,7 +336,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None] | None, Callable[[argparse.Namespace], int]]] = {
     "trial": ("run one trial from flags (no Ray, no MLflow)", _add_trial, cmd_trial),
-    "plan": ("print a sweep's trial counts", None, cmd_plan),
+    "plan": ("print a sweep's trial counts and what it will cost in device-hours", _add_plan, cmd_plan),
     "sweep": ("run a sweep with Ray Tune, tracked in MLflow", _add_sweep, cmd_sweep),
     "report": ("selection + correlation report", _add_report, cmd_report),
     "datasets": ("list registered datasets", None, cmd_datasets),
@@ -321,9 +362,6 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         if add is not None:
             add(p)
-    plan_p = sub.choices["plan"]
-    plan_p.add_argument("spec")
-    plan_p.add_argument("--json", action="store_true")
     models_p = sub.choices["models"]
     models_p.add_argument("--all", action="store_true", help="list every timm architecture")
     models_p.add_argument("--filter", help="wildcard for --all, e.g. 'resnet*'")

@@ -74,6 +74,12 @@ class StorageLayout:
         return self.image_cache_dir / safe_name(key, "image cache key")
 
     @property
+    def calibration_dir(self) -> Path:
+        """Measured trial speeds per network, batch and device (``xfer plan --calibrate``; ``xfer.cost``).
+        Not one of ``folders()``: a sweep reads it, only ``xfer plan --calibrate`` writes it."""
+        return self.storage / "calibration"
+
+    @property
     def ray(self) -> Path:
         """Ray Tune's experiment state (what ``--resume`` restores)."""
         return self.storage / "ray"

@@ -548,6 +548,9 @@ def run_sweep(spec: SweepSpec, *, tracking_uri: str | None = None, address: str 
     paths = StorageLayout(Path(storage or spec.storage), Path(data_root or spec.data_root))
     paths.preflight(spec.min_free_space if min_free is None else min_free)
     where = connect_ray(address)
+    import ray
+
+    _print_cost(spec, paths, out, ray.cluster_resources())
     tracker = SweepTracker(uri, spec.name, journal_dir=paths.journal_dir(spec.name))
     from xfer.spec import plan
 
@@ -612,6 +615,21 @@ def run_sweep(spec: SweepSpec, *, tracking_uri: str | None = None, address: str 
             print(f"tracking: could not close the parent run {parent} ({tracking.TrackingError.__name__}: server "
                   f"unreachable); it stays RUNNING in MLflow", file=out, flush=True)
         _print_summary(spec, uri, stages, out)
+
+
+def _print_cost(spec: SweepSpec, paths: StorageLayout, out: IO[str], cluster: Mapping[str, float]) -> None:
+    """The plan's cost, one short block before anything runs: calibrated speeds where ``xfer plan --calibrate``
+    cached them, else the FLOP model — never a calibration here. Wall time is on the ``cluster``'s GPUs and
+    CPUs (Ray's resources). A plan that cannot be made (a dataset it cannot size) is a note, not a failed sweep."""
+    from xfer.cost import format_plan, plan_cost
+
+    try:
+        cost = plan_cost(spec, layout=paths, gpus=cluster.get("GPU", 0) or 1, cpus=cluster.get("CPU"))
+    except Exception as e:  # noqa: BLE001 - an estimate that cannot be made must not stop the sweep
+        print(f"plan: no cost estimate ({type(e).__name__}: {e})", file=out, flush=True)
+        return
+    print("plan (device-hours; `xfer plan` for the table and its assumptions):", file=out)
+    print("\n".join(format_plan(cost, brief=True)), file=out, flush=True)
 
 
 def _print_summary(spec: SweepSpec, uri: str, stages: list[StageOutcome], out: IO[str]) -> None:
