@@ -10,15 +10,18 @@ trials — into a real MLflow store, in two ways, in the same process:
   transaction on a SQL store (``xfer.tracking.bulk``).
 
 Each is timed while the experiment holds ``--sizes`` runs already (filled in bulk first), to show the
-cost per run stays flat as an experiment grows.
+cost per run stays flat as an experiment grows; the two modes alternate batch by batch and each figure is
+the median over batches (one slow disk flush does not move it).
 
-    python benchmarks/tracking_cost.py [--sizes 200 10000] [--batch 45] [--batches 4]
+    python benchmarks/tracking_cost.py [--sizes 200 10000] [--batch 45] [--batches 20]
+    python benchmarks/tracking_cost.py --random-ids         # bulk runs with random (uuid4) ids, for contrast
     python benchmarks/tracking_cost.py --uri postgresql://...   # any SQL store or http(s):// server
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -48,11 +51,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[200, 10_000], help="runs already in the experiment")
     ap.add_argument("--batch", type=int, default=45, help="results per finished batch (a λ path: 45)")
-    ap.add_argument("--batches", type=int, default=4, help="batches timed per mode and size")
+    ap.add_argument("--batches", type=int, default=20, help="batches timed per mode and size")
+    ap.add_argument("--random-ids", action="store_true",
+                    help="bulk runs with uuid4 ids instead of time-ordered ones (the earlier behaviour, for contrast)")
     ap.add_argument("--uri", default=None, help="tracking URI (default: a fresh SQLite file)")
     args = ap.parse_args()
     from xfer.tracking import bulk
     from xfer.tracking.writer import SweepTracker
+
+    if args.random_ids:
+        import uuid
+
+        bulk.ordered_run_id = lambda: uuid.uuid4().hex
 
     tmp = tempfile.mkdtemp(prefix="xfer-tracking-cost-")
     uri = args.uri or f"sqlite:///{tmp}/mlflow.db"
@@ -71,21 +81,23 @@ def main() -> None:
             n += len(todo)
         tracker.existing(None)  # the sweep reads the experiment once per invocation, not per run
         print(f"  experiment filled to {n} runs in {time.perf_counter() - t:.1f} s", flush=True)
-        per = {}
-        for mode in ("per run", "batched"):
-            t = time.perf_counter()
-            for _ in range(args.batches):
+        times: dict[str, list[float]] = {"per run": [], "batched": []}
+        for _ in range(args.batches):  # the modes alternate batch by batch: both see the same machine
+            for mode in times:
                 batch = entries(n, args.batch)
+                t = time.perf_counter()
                 if mode == "per run":
                     for e in batch:
                         cb._write_entry(e)
                 else:
                     cb._write_entries(batch)
+                times[mode].append((time.perf_counter() - t) / len(batch))
                 n += len(batch)
-            per[mode] = (time.perf_counter() - t) / (args.batches * args.batch)
+        per = {mode: statistics.median(ts) for mode, ts in times.items()}  # robust to a slow fsync or two
         rows.append((size, per))
-        print(f"  at {size:>6} runs: per run {per['per run'] * 1e3:7.1f} ms, batched {per['batched'] * 1e3:6.1f} ms "
-              f"({per['per run'] / per['batched']:.1f}x)", flush=True)
+        print(f"  at {size:>6} runs: per run {per['per run'] * 1e3:7.1f} ms, batched {per['batched'] * 1e3:6.2f} ms "
+              f"({per['per run'] / per['batched']:.1f}x; medians over {args.batches} batches, mean batched "
+              f"{statistics.mean(times['batched']) * 1e3:.2f} ms)", flush=True)
     tracker.end_parent()
     if len(rows) > 1:
         (s0, a), (s1, b) = rows[0], rows[-1]
