@@ -280,6 +280,41 @@ def test_finetune_runs_the_schedule_and_the_subset(tmp_path, monkeypatch):
     assert bad.status == "failed" and "train_size must be an integer >= 0" in bad.message
 
 
+def test_the_probe_fits_on_the_images_a_finetune_trial_of_its_seed_trains_on(tmp_path, monkeypatch):
+    """train_size on the probe: the rows of the stored training features that fine-tune's subset of the
+    same seed holds — same size, same images — and the full set at the default."""
+    from xfer import logistic
+    from xfer.contract import RunContext
+    from xfer.data import build_from_ref
+    from xfer.data.subset import class_balanced_subset
+    from xfer.regimes import run_trial
+
+    fitted: list[int] = []
+    fit = logistic.fit_logistic
+
+    def spy(x, y, *args, **kw):
+        fitted.append(len(y))
+        return fit(x, y, *args, **kw)
+
+    monkeypatch.setattr(logistic, "fit_logistic", spy)
+    ctx = RunContext.local(storage=tmp_path, data_root=tmp_path)
+    ds = DatasetRef("synthetic_near", {"train_per_class": 10, "test_per_class": 2, "image_size": 16})
+    opts = {"max_iter": 50}
+    rule = REGIMES.get("linear_probe").key_rule
+    full = run_trial(TrialSpec(MODEL, ds, "linear_probe", {"l2": 0.1}, opts, key_rule=rule), ctx)
+    records = {seed: run_trial(TrialSpec(MODEL, ds, "linear_probe", {"l2": 0.1, "train_size": 3.0}, opts,
+                                         key_rule=rule, seed=seed), ctx) for seed in (0, 1)}
+    assert full.status == "finished" and all(r.status == "finished" for r in records.values())
+    assert fitted == [80, 30, 30]
+    built = build_from_ref(ds, data_root=tmp_path, download=False)
+    for seed, record in records.items():  # the fine-tune subset's fingerprint hashes its chosen indices
+        _, fingerprint = class_balanced_subset(built, "train", 3, seed=seed)
+        assert record.fingerprints["train_subset"] == fingerprint
+        assert record.metrics["train_examples"] == 30
+    assert records[0].fingerprints["train_subset"] != records[1].fingerprints["train_subset"]
+    assert "train_subset" not in full.fingerprints
+
+
 # ------------------------------------------------------------------ curves back from MLflow
 def test_curves_come_back_from_mlflow_into_the_report(tmp_path):
     from xfer import final, tracking

@@ -150,8 +150,8 @@ def _tiny_trial(**kw) -> TrialSpec:
 
 
 @pytest.mark.parametrize("hparams,match", [({"l2": 0.0}, "> 0"), ({"l2": -1e-3}, "> 0"),
-                                           ({}, "takes the hyper-parameters l2, layer, pool, pca; got none"),
-                                           ({"l2": 1.0, "lr": 0.1}, "takes the hyper-parameters l2, layer, pool, pca; got l2, lr")])
+                                           ({}, "takes the hyper-parameters l2, layer, pool, pca, train_size; got none"),
+                                           ({"l2": 1.0, "lr": 0.1}, "takes the hyper-parameters l2, layer, pool, pca, train_size; got l2, lr")])
 def test_regime_rejects_bad_penalty_before_touching_data(tmp_path, hparams, match):
     ctx = RunContext.local(storage=tmp_path / "s", data_root=tmp_path / "d")
     with pytest.raises(OptionError, match=match):

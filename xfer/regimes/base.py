@@ -231,3 +231,11 @@ def positive(v: float) -> bool:
 
 def non_negative(v: float) -> bool:
     return v >= 0
+
+
+# shared by every regime that trains on the target (fine-tune, scratch, the probe): for one seed, each
+# trains on the same images (``xfer.data.subset``: one draw per split's labels and seed)
+TRAIN_SIZE = Axis("train_size", "training images per class: a class-balanced subset of the training split, "
+                  "drawn per seed (0: all of it)", valid=lambda v: v >= 0 and float(v).is_integer(),
+                  rule="an integer >= 0 (images per class; 0: the whole training split)", prefer="larger",
+                  fmt="g", cell=True, default=0.0)

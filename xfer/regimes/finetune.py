@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from xfer.contract import Diverged, RunContext, TrialRecord, splits_for
 from xfer.options import OptionError
-from xfer.regimes.base import REGIMES, Axis, Option, Regime, non_negative, positive
+from xfer.regimes.base import REGIMES, TRAIN_SIZE, Axis, Option, Regime, non_negative, positive
 
 if TYPE_CHECKING:
     from xfer.trial import TrialSpec
@@ -38,10 +38,6 @@ WD = Axis("wd", "weight decay (divided by lr before use when wd_over_lr)", valid
 SCHEDULE = Axis("schedule", "schedule length: a multiple of `steps` (cosine decay over the whole of it)",
                 valid=lambda v: 0 < v <= 1000, rule="> 0 (a multiple of steps, e.g. 1, 2, 4)", prefer="smaller",
                 fmt="g", cell=True, default=1.0)
-TRAIN_SIZE = Axis("train_size", "training images per class: a class-balanced subset of the training split, "
-                  "drawn per seed (0: all of it)", valid=lambda v: v >= 0 and float(v).is_integer(),
-                  rule="an integer >= 0 (images per class; 0: the whole training split)", prefer="larger",
-                  fmt="g", cell=True, default=0.0)
 
 
 def schedule_steps(steps: int, schedule: float) -> int:

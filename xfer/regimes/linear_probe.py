@@ -14,6 +14,10 @@ global average, max, or both concatenated (``avgmax``); ``pca`` — the number o
 the training split's features the regression sees (0: all features). Layer and pooling change what is
 extracted, so the feature store keys each (``contract.FeatureVariant``); PCA is fitted here, on the
 training features only, and applied to the evaluated split (``logistic.PCA``).
+
+``train_size`` (shared with fine-tune and scratch, ``regimes.base.TRAIN_SIZE``) fits on a class-balanced
+subset of the training split's stored features — the same images a fine-tune trial of that seed trains on
+(one draw per split's labels and seed), so accuracy against size compares the regimes on the same data.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from xfer.contract import POOLINGS, Diverged, FeatureVariant, RunContext, TrialRecord, splits_for
-from xfer.regimes.base import REGIMES, Axis, Option, Regime, positive
+from xfer.regimes.base import REGIMES, TRAIN_SIZE, Axis, Option, Regime, positive
 
 
 def _whole(v: float) -> bool:
@@ -50,7 +54,7 @@ class LinearProbe(Regime):
     label = "Logistic regression (frozen features)"
     axes = (Axis("l2", "L2 penalty λ: mean loss + λ/2 ‖W‖² (sklearn's C = 1/(λ n))", valid=positive, rule="> 0",
                  prefer="larger"),  # ties go to the stronger penalty, the simpler model
-            LAYER, POOL, PCA_AXIS)
+            LAYER, POOL, PCA_AXIS, TRAIN_SIZE)
     options = (
         Option("max_iter", 1000, "L-BFGS iterations", minimum=1),
         Option("tol", 1e-6, "stop when every gradient component of the (mean) objective is below this"),
@@ -74,7 +78,10 @@ class LinearProbe(Regime):
         return self._fit(trials, ctx, path=True)
 
     def _fit(self, trials: "list[TrialSpec]", ctx: RunContext, path: bool) -> list[TrialRecord]:
+        import torch
+
         from xfer import features
+        from xfer.hashing import stable_hash
         from xfer.lambda_path import fit_logistic_path
         from xfer.logistic import PCA, LinearProbeError, Standardizer, fit_logistic
         from xfer.metrics import compute_metric
@@ -96,8 +103,19 @@ class LinearProbe(Regime):
         train, held = sets[splits.train], sets[splits.eval]
         fingerprints = {"data": str(train.meta.get("dataset_fingerprint", "")),
                         "weights": str(train.meta.get("backbone_fingerprint", "")), "features": train.key}
-        x_train, x_eval = train.features, held.features
+        x_train, y_train, x_eval = train.features, train.targets, held.features
         extra: dict[str, float] = {}
+        if hp["train_size"]:  # the rows of the stored split a fine-tune trial of this seed trains on
+            from xfer.data.subset import class_balanced_indices
+
+            try:
+                idx = class_balanced_indices(y_train.cpu().numpy(), int(hp["train_size"]), seed=trial.seed)
+            except ValueError as e:
+                raise LinearProbeError(f"regime {self.name}: train_size: {e}") from None
+            x_train, y_train = x_train[torch.from_numpy(idx)], y_train[torch.from_numpy(idx)]
+            fingerprints["train_subset"] = stable_hash({"per_class": int(hp["train_size"]), "seed": int(trial.seed),
+                                                        "indices": idx.tolist()})
+            extra["train_examples"] = float(len(idx))
         if n_pca:  # fitted on the training split alone; the evaluated split is only projected
             pca = PCA.fit(x_train, n_pca)
             x_train, x_eval = pca(x_train), pca(x_eval)
@@ -109,8 +127,8 @@ class LinearProbe(Regime):
         kw = dict(num_classes=train.num_classes, multilabel=train.multilabel, max_iter=opts["max_iter"],
                   tol=float(opts["tol"]), device=ctx.resolved_device())
         try:
-            fits = fit_logistic_path(x_train, train.targets, l2s, **kw) if path else \
-                [fit_logistic(x_train, train.targets, l2s[0], **kw)]
+            fits = fit_logistic_path(x_train, y_train, l2s, **kw) if path else \
+                [fit_logistic(x_train, y_train, l2s[0], **kw)]
         except Diverged as e:
             return [TrialRecord(status="diverged", message=str(e), metric=train.metric, fingerprints=fingerprints)
                     for _ in trials]
