@@ -138,19 +138,6 @@ def test_comparison_and_summary_on_hand_made_tables(tmp_path):
 
 
 # ------------------------------------------------------------------ a real sweep
-@pytest.fixture(scope="module")
-def ray_local():
-    import os
-
-    import ray
-
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 1024**2,
-             _node_ip_address="127.0.0.1")
-    yield
-    ray.shutdown()
-
-
 def _grid_runs(uri: str) -> dict[float, mlflow.entities.Run]:
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name("asha")

@@ -55,17 +55,6 @@ def child_runs(uri: str, experiment: str):
     return parents, children
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 1024**2,
-             _node_ip_address="127.0.0.1")
-    yield
-    ray.shutdown()
-
-
 def test_sweep_tracks_every_trial_once_and_reruns_add_nothing(tmp_path, ray_local):
     from xfer.sweep import run_sweep
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import io
-import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -57,17 +56,6 @@ FILES: dict[str, tuple[Callable[[dict[str, Any]], None] | None, list[str], list[
     "regularizers.yaml": (keep_models(["recipe", "no-dropout", "bn-scale-fixed"]), ["## Source-training regularisers"],
                           ["fig_regularizers"]),
 }
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 1024**2,
-             _node_ip_address="127.0.0.1")
-    yield
-    ray.shutdown()
 
 
 @pytest.mark.parametrize("name", sorted(FILES))
