@@ -43,6 +43,13 @@ def _axis_flags() -> dict[str, str]:
     return out
 
 
+def _named_axes() -> set[str]:
+    """Axes some regime declares with names (``--pool max``): their flags take a name as well as a number."""
+    from xfer.regimes import REGIMES
+
+    return {a.name for r in REGIMES.names() for a in REGIMES.get(r).axes if a.names}
+
+
 # ------------------------------------------------------------------ xfer trial
 def _axis_arg(text: str) -> float | str:
     """An axis flag's value: a number, or a name (a named axis such as ``--pool max``; the axis checks it)."""
@@ -62,8 +69,10 @@ def _add_trial(p: argparse.ArgumentParser) -> None:
     from xfer.regimes import REGIMES
 
     p.add_argument("--regime", required=True, help=" | ".join(REGIMES.names()))
-    for name, help_ in _axis_flags().items():
-        p.add_argument(f"--{name.replace('_', '-')}", dest=f"axis_{name}", type=_axis_arg, help=help_)
+    named = _named_axes()
+    for name, help_ in _axis_flags().items():  # a number axis: argparse says "invalid float value" itself
+        p.add_argument(f"--{name.replace('_', '-')}", dest=f"axis_{name}", type=_axis_arg if name in named else float,
+                       help=help_)
     p.add_argument("--steps", type=int, help="training steps")
     p.add_argument("--batch-size", type=int, help="batch size")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
