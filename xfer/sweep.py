@@ -542,7 +542,8 @@ def run_sweep(spec: SweepSpec, *, tracking_uri: str | None = None, address: str 
     from xfer.tracking.writer import SweepTracker
 
     out = stream or sys.stdout
-    check_feature_layers(spec.grid_trials())
+    grid = spec.grid_trials()  # enumerated once: checked here, run below
+    check_feature_layers(grid)
     uri = tracking.absolute_sqlite(tracking.resolve_tracking_uri(tracking_uri, spec.tracking_uri))
     tracking.check_reachable(uri)
     paths = StorageLayout(Path(storage or spec.storage), Path(data_root or spec.data_root))
@@ -577,7 +578,6 @@ def run_sweep(spec: SweepSpec, *, tracking_uri: str | None = None, address: str 
 
             missing = {t.key for t in pre if pretrain_checkpoint_problem(paths.checkpoint_dir(t.key)) is not None}
             stages.append(run_stage("pretrain", pre, rerun=missing, **kw))
-        grid = spec.grid_trials()
         run_features(grid, spec=spec, paths=paths, stream=out)
         if spec.estimators:  # opt-in: transferability estimators on the cached features, no training
             from xfer.estimate import run_estimates
